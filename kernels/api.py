@@ -1,0 +1,217 @@
+"""The documented eager entry point for engines that call the fused op by hand."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import validate
+from .custom_op import split_norm_rope_cache_op, split_norm_rope_op
+from .op_schema import CACHE_LAYOUTS, GATE_LAYOUTS, fp8_dtype_of
+
+
+class FusedQKV(NamedTuple):
+    """Outputs ``[T, H, D]``; an output that was not asked for is an empty tensor."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    gate: Tensor
+
+
+def _flat(name: str, x: Tensor) -> Tensor:
+    validate.tensor(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims [..., width], got shape "
+                         f"{tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1])
+
+
+def split_norm_rope_cache(
+    qkv: Optional[Tensor] = None,
+    *,
+    q: Optional[Tensor] = None,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    gate: Optional[str] = None,
+    q_weight: Optional[Tensor] = None,
+    k_weight: Optional[Tensor] = None,
+    apply_norm: Optional[bool] = None,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    positions: Optional[Tensor] = None,
+    cos_sin_cache: Optional[Tensor] = None,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    rotary_dim: Optional[int] = None,
+    is_neox: bool = True,
+    key_cache: Optional[Tensor] = None,
+    value_cache: Optional[Tensor] = None,
+    slot_mapping: Optional[Tensor] = None,
+    cache_layout: str = "NHD",
+    slot_mode: str = "engine",
+    kv_cache_dtype: str = "auto",
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    return_q: bool = True,
+    return_k: bool = True,
+    return_v: bool = True,
+    return_gate: bool = True,
+) -> FusedQKV:
+    """Split Q/K/V, RMSNorm Q and K per head, apply RoPE, write K and V into a paged cache.
+
+    Args:
+        qkv: packed projection ``[..., W]`` (vLLM style); or pass ``q``, ``k``, ``v``
+            separately (Hugging Face style).  Any row stride, last-dim stride 1; leading dims
+            are flattened into T tokens.
+        gate: ``None``, ``"interleaved"`` (per head ``[q_h | g_h]``) or ``"blocked"``
+            (``[q_all | g_all]``): the Q region is twice as wide and a gate is returned.
+        q_weight, k_weight: RMSNorm weights ``[head_dim]``; the norm multiplies by
+            ``weight + weight_offset`` (offset 1 for Gemma / Qwen3-Next).  ``apply_norm``
+            defaults to True when a weight is given (False: RoPE + cache only, e.g. Llama).
+        positions: ``[T]`` int32/int64 row of each token in the table.  Without it, the tables
+            are already per token (Hugging Face ``cos, sin`` of shape ``[..., T, C]``).
+        cos_sin_cache: vLLM table ``[max_pos, rotary_dim]``, cos half then sin half.
+        cos, sin: separate tables, last dim ``rotary_dim / 2`` or ``rotary_dim`` (expanded).
+        rotary_dim: rotated dims per head (default: the table's width, else head_dim).
+        is_neox: NeoX rotate-half pairs ``(i, i + r/2)``; False: GPT-J pairs ``(2i, 2i+1)``.
+        key_cache, value_cache: ``[num_blocks, block_size, H_kv, D]`` ("NHD") or
+            ``[num_blocks, H_kv, block_size, D]`` ("HND"); strided views allowed.  fp8 caches
+            (or uint8 with ``kv_cache_dtype="fp8_e4m3"/"fp8_e5m2"``) store ``x / scale``.
+        slot_mapping: ``[T]`` cache slot per token.  ``slot_mode="engine"``: a slot < 0 or past
+            the end writes nothing; ``"index"``: a negative slot counts from the end.
+
+    Returns:
+        ``FusedQKV(q, k, v, gate)`` with shapes ``[T, H, D]``.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    validate.heads(num_q_heads, num_kv_heads, head_dim)
+    if gate not in GATE_LAYOUTS:
+        raise ValueError(f"gate must be None, 'interleaved' or 'blocked', got {gate!r}")
+    gate_layout = GATE_LAYOUTS[gate]
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+    q_width = hq * d * (2 if gate_layout else 1)
+    kv_width = hkv * d
+
+    # --- activations: packed or separate ---
+    if qkv is not None:
+        if q is not None or k is not None or v is not None:
+            raise ValueError("pass either qkv or q/k/v, not both")
+        src = _flat("qkv", qkv)
+        validate.activation("qkv", src, q_width + 2 * kv_width)
+        q_src = k_src = v_src = src
+        q_col, k_col, v_col = 0, q_width, q_width + kv_width
+    else:
+        if q is None or k is None or v is None:
+            raise ValueError("pass qkv, or all three of q, k and v")
+        q_src, k_src, v_src = _flat("q", q), _flat("k", k), _flat("v", v)
+        validate.activation("q", q_src, q_width)
+        validate.activation("k", k_src, kv_width, q_src.shape[0])
+        validate.activation("v", v_src, kv_width, q_src.shape[0])
+        validate.same("k", k_src, "q", q_src)
+        validate.same("v", v_src, "q", q_src)
+        q_col = k_col = v_col = 0
+    t = q_src.shape[0]
+
+    # --- norm ---
+    validate.norm_weight("q_weight", q_weight, d)
+    validate.norm_weight("k_weight", k_weight, d)
+    if apply_norm is None:
+        apply_norm = q_weight is not None or k_weight is not None
+    validate.eps_value(eps)
+
+    # --- rope tables ---
+    if cos_sin_cache is not None:
+        if cos is not None or sin is not None:
+            raise ValueError("pass either cos_sin_cache or cos/sin, not both")
+        validate.tensor("cos_sin_cache", cos_sin_cache)
+        if positions is None:
+            raise ValueError("positions is required with cos_sin_cache")
+        r = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+        validate.rotary(r, d)
+        validate.table("cos_sin_cache", cos_sin_cache, r)
+        cos_t, sin_t = cos_sin_cache[:, : r // 2], cos_sin_cache[:, r // 2 : r]
+        expanded = False
+    else:
+        if cos is None or sin is None:
+            raise ValueError("pass cos_sin_cache, or both cos and sin")
+        validate.tensor("cos", cos)
+        validate.tensor("sin", sin)
+        if tuple(cos.shape) != tuple(sin.shape) or cos.dtype != sin.dtype:
+            raise ValueError(f"sin must match cos in shape and dtype: cos {tuple(cos.shape)} "
+                             f"{cos.dtype}, sin {tuple(sin.shape)} {sin.dtype}")
+        cos_t, sin_t = _flat("cos", cos), _flat("sin", sin)
+        width = cos_t.shape[1]
+        r = rotary_dim if rotary_dim is not None else min(d, 2 * width)
+        validate.rotary(r, d)
+        if width == r // 2:
+            expanded = False
+        elif width == r:
+            expanded = True
+        else:
+            raise ValueError(f"cos last dim must be rotary_dim/2 ({r // 2}) or rotary_dim ({r}), "
+                             f"got {width}")
+        validate.table("cos", cos_t, width)
+        validate.table("sin", sin_t, width)
+    if positions is not None:
+        validate.tensor("positions", positions)
+        positions = positions.reshape(-1)
+        validate.index_tensor("positions", positions, t, at_least=False)
+    elif cos_t.shape[0] != t:
+        raise ValueError(f"without positions, cos/sin must have one row per token ({t}), got "
+                         f"{cos_t.shape[0]}")
+    for name, tab in (("cos", cos_t), ("cos_sin_cache", cos_sin_cache)):
+        if tab is not None and tab.dtype != cos_t.dtype:
+            raise ValueError(f"{name} dtype mismatch")
+
+    # --- cache ---
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout must be 'NHD' or 'HND', got {cache_layout!r}")
+    if slot_mode not in ("engine", "index"):
+        raise ValueError(f"slot_mode must be 'engine' or 'index', got {slot_mode!r}")
+    has_cache = key_cache is not None or value_cache is not None or slot_mapping is not None
+    fp8 = None
+    if has_cache:
+        for name, x in (("key_cache", key_cache), ("value_cache", value_cache),
+                        ("slot_mapping", slot_mapping)):
+            if x is None:
+                raise ValueError(f"{name} is required when any of key_cache, value_cache, "
+                                 f"slot_mapping is given")
+            validate.tensor(name, x)
+        validate.cache("key_cache", key_cache, cache_layout, hkv, d, q_src.dtype, kv_cache_dtype)
+        validate.cache("value_cache", value_cache, cache_layout, hkv, d, q_src.dtype,
+                       kv_cache_dtype)
+        if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
+            raise ValueError(f"value_cache must match key_cache in shape and dtype: "
+                             f"{tuple(key_cache.shape)} {key_cache.dtype} vs "
+                             f"{tuple(value_cache.shape)} {value_cache.dtype}")
+        validate.index_tensor("slot_mapping", slot_mapping, t, at_least=True)
+        fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
+    validate.scale("k_scale", k_scale, fp8 is not None)
+    validate.scale("v_scale", v_scale, fp8 is not None)
+    validate.device({"q_src": q_src, "k_src": k_src, "v_src": v_src, "q_weight": q_weight,
+                     "k_weight": k_weight, "cos": cos_t, "sin": sin_t, "positions": positions,
+                     "key_cache": key_cache, "value_cache": value_cache,
+                     "slot_mapping": slot_mapping, "k_scale": k_scale, "v_scale": v_scale})
+
+    head = (q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
+            q_weight, k_weight, bool(apply_norm), float(eps), float(weight_offset),
+            cos_t, sin_t, positions, r, bool(is_neox), expanded)
+    flags = (return_q, return_k, return_v, return_gate)
+    if has_cache:
+        if k_scale is not None:
+            k_scale = k_scale.reshape(())
+        if v_scale is not None:
+            v_scale = v_scale.reshape(())
+        out = split_norm_rope_cache_op(
+            *head, key_cache, value_cache, slot_mapping[:t], CACHE_LAYOUTS[cache_layout],
+            slot_mode == "engine", kv_cache_dtype, k_scale, v_scale, *flags)
+    else:
+        out = split_norm_rope_op(*head, *flags)
+    return FusedQKV(*out)

@@ -1,0 +1,104 @@
+"""``torch.ops.fused_qkv.*``: the fused op registered with ``torch.library``.
+
+Two ops share one kernel: ``split_norm_rope_cache`` (mutates the caches) and
+``split_norm_rope`` (no cache write; the pass's fallback when a graph has no cache write).
+No input validation here: the ops run inside compiled graphs, where that would cost time
+on every call.  The eager entry point (``kernels/api.py``) validates first.
+
+Device dispatch: CUDA (and ROCm, which PyTorch also calls "cuda") runs the Triton kernel;
+CPU runs the reference, or the Triton kernel under Triton's interpreter when
+``TRITON_INTERPRET=1`` (that is how the CPU test-suite exercises the kernel).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .op_schema import GATE_NONE
+
+_RET = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(*args):
+    from .triton_kernel import launch  # imported lazily: triton is read at import time
+
+    return launch(*args)
+
+
+@torch.library.custom_op("fused_qkv::split_norm_rope_cache", mutates_args=("key_cache", "value_cache"))
+def split_norm_rope_cache_op(
+    q_src: Tensor, k_src: Tensor, v_src: Tensor, q_col: int, k_col: int, v_col: int,
+    num_q_heads: int, num_kv_heads: int, head_dim: int, gate_layout: int,
+    q_weight: Optional[Tensor], k_weight: Optional[Tensor], apply_norm: bool, eps: float,
+    weight_offset: float, cos: Tensor, sin: Tensor, positions: Optional[Tensor],
+    rotary_dim: int, is_neox: bool, table_expanded: bool,
+    key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor, cache_layout: int,
+    skip_negative_slots: bool, kv_cache_dtype: str,
+    k_scale: Optional[Tensor], v_scale: Optional[Tensor],
+    write_q: bool, write_k: bool, write_v: bool, write_gate: bool,
+) -> _RET:
+    args = (q_src, k_src, v_src, q_col, k_col, v_col, num_q_heads, num_kv_heads, head_dim,
+            gate_layout, q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin,
+            positions, rotary_dim, is_neox, table_expanded, key_cache, value_cache,
+            slot_mapping, cache_layout, skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
+            write_q, write_k, write_v, write_gate)
+    if _use_triton(q_src.device):
+        return _launch(*args)
+    return reference.split_norm_rope_cache(*args)
+
+
+@torch.library.custom_op("fused_qkv::split_norm_rope", mutates_args=())
+def split_norm_rope_op(
+    q_src: Tensor, k_src: Tensor, v_src: Tensor, q_col: int, k_col: int, v_col: int,
+    num_q_heads: int, num_kv_heads: int, head_dim: int, gate_layout: int,
+    q_weight: Optional[Tensor], k_weight: Optional[Tensor], apply_norm: bool, eps: float,
+    weight_offset: float, cos: Tensor, sin: Tensor, positions: Optional[Tensor],
+    rotary_dim: int, is_neox: bool, table_expanded: bool,
+    write_q: bool, write_k: bool, write_v: bool, write_gate: bool,
+) -> _RET:
+    head = (q_src, k_src, v_src, q_col, k_col, v_col, num_q_heads, num_kv_heads, head_dim,
+            gate_layout, q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin,
+            positions, rotary_dim, is_neox, table_expanded)
+    flags = (write_q, write_k, write_v, write_gate)
+    if _use_triton(q_src.device):
+        return _launch(*head, None, None, None, 0, True, "auto", None, None, *flags)
+    return reference.split_norm_rope(*head, *flags)
+
+
+def _fake_outputs(q_src, hq, hkv, d, gate_layout, flags) -> _RET:
+    t = q_src.shape[0]
+    wq, wk, wv, wg = flags
+    wg = wg and gate_layout != GATE_NONE
+
+    def out(want, heads):
+        return q_src.new_empty((t, heads, d) if want else (0,))
+
+    return out(wq, hq), out(wk, hkv), out(wv, hkv), out(wg, hq)
+
+
+@split_norm_rope_cache_op.register_fake
+def _(q_src, k_src, v_src, q_col, k_col, v_col, num_q_heads, num_kv_heads, head_dim,
+      gate_layout, q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
+      rotary_dim, is_neox, table_expanded, key_cache, value_cache, slot_mapping, cache_layout,
+      skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
+      write_q, write_k, write_v, write_gate):
+    return _fake_outputs(q_src, num_q_heads, num_kv_heads, head_dim, gate_layout,
+                         (write_q, write_k, write_v, write_gate))
+
+
+@split_norm_rope_op.register_fake
+def _(q_src, k_src, v_src, q_col, k_col, v_col, num_q_heads, num_kv_heads, head_dim,
+      gate_layout, q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
+      rotary_dim, is_neox, table_expanded, write_q, write_k, write_v, write_gate):
+    return _fake_outputs(q_src, num_q_heads, num_kv_heads, head_dim, gate_layout,
+                         (write_q, write_k, write_v, write_gate))

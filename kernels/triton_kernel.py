@@ -1,0 +1,263 @@
+"""The fused Triton kernel: split -> per-head RMSNorm -> RoPE -> paged KV-cache write.
+
+One launch does everything.  The grid is ``(token tiles, head tiles)`` where the head tiles
+enumerate, in order, the Q heads, the K heads, the V heads and the gate heads; a program
+handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one region.
+
+Why this shape: the op is purely memory-bound, each byte is read once and written once or
+twice, and every (token, head) row is independent except for the norm's reduction over D,
+which stays inside one row of the tile.  RoPE needs each element's rotation partner; instead
+of shuffling registers we load the partner a second time (same cache line, an L1 hit) and
+normalise it with the same per-row factor, which works for any head dim, partial rotary and
+both rotary styles with one code path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .op_schema import GATE_BLOCKED, GATE_INTERLEAVED, GATE_NONE, cache_geometry, fp8_dtype_of
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> dtype.  Triton's CPU interpreter truncates fp32 -> bf16; pre-round to nearest-even
+    there so the CPU tests see the same numbers as the GPU (no cost on the GPU: constexpr)."""
+    if INTERP:
+        # bits of fp32 mantissa dropped by the target format (normal numbers)
+        DROP: tl.constexpr = 16 if dtype == tl.bfloat16 else 20 if dtype == tl.float8e4nv \
+            else 21 if dtype == tl.float8e5 else 0
+        if DROP > 0:
+            bits = x.to(tl.uint32, bitcast=True)
+            HALF: tl.constexpr = (1 << (DROP - 1)) - 1
+            KEEP: tl.constexpr = 0xFFFFFFFF - ((1 << DROP) - 1)
+            bits = (bits + HALF + ((bits >> DROP) & 1)) & KEEP
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    t = pid_t.to(tl.int64) * BLOCK_T + r // BLOCK_H
+    h = h0 + r % BLOCK_H
+    return t, h, (t < T) & (h < NH)
+
+
+@triton.jit
+def _store_cache(cache, scale_ptr, t, h, d, mask, val, slot_ptr, block_size, num_slots,
+                 s_blk, s_slot, s_head,
+                 SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 FP8_MAX: tl.constexpr, INTERP: tl.constexpr):
+    rmask = tl.max(mask.to(tl.int32), 1) > 0
+    slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
+    if not SKIP_NEG:
+        # Indexing mode: a negative slot counts from the end, as cache.view(-1,H,D)[slot].
+        slot = tl.where(slot < 0, slot + num_slots, slot)
+    ok = (slot >= 0) & (slot < num_slots)
+    blk = slot // block_size
+    off = slot % block_size
+    row = blk * s_blk + off * s_slot + h.to(tl.int64) * s_head
+    if IS_FP8:
+        if HAS_SCALE:
+            val = val / tl.load(scale_ptr).to(tl.float32)
+        val = tl.minimum(tl.maximum(val, -FP8_MAX), FP8_MAX)
+    tl.store(cache + row[:, None] + d[None, :], _cast(val, cache.dtype.element_ty, INTERP),
+             mask=mask & ok[:, None])
+
+
+@triton.jit
+def _norm_rope(src, src_stride, col, t, d, mask, w_ptr, eps, w_off,
+               cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+               D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
+               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr):
+    base = src + t[:, None] * src_stride + col[:, None]
+    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rot = d < R
+    HALF: tl.constexpr = R // 2
+    if IS_NEOX:
+        pd = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        pair = tl.where(d < HALF, d, d - HALF)
+    else:
+        pd = d ^ 1
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        pair = d // 2
+    pd = tl.where(rot, pd, d)
+    pmask = mask & rot[None, :]
+    xp = tl.load(base + pd[None, :], mask=pmask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        if HAS_W:
+            w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32) + w_off
+            wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
+        else:
+            w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
+            wp = w
+        x = x * rstd[:, None] * w[None, :]
+        xp = xp * rstd[:, None] * wp[None, :]
+    rmask = tl.max(mask.to(tl.int32), 1) > 0
+    if HAS_POS:
+        row = tl.load(pos_ptr + t, mask=rmask, other=0).to(tl.int64)
+        row = tl.where(row < 0, row + table_rows, row)
+    else:
+        row = t
+    if EXPANDED:
+        ci = d
+    else:
+        ci = pair
+    cmask = rmask[:, None] & rot[None, :]
+    c = tl.load(cos_ptr + row[:, None] * cos_stride + ci[None, :], mask=cmask, other=1.0)
+    s = tl.load(sin_ptr + row[:, None] * sin_stride + ci[None, :], mask=cmask, other=0.0)
+    return x * c.to(tl.float32) + sign[None, :] * xp * s.to(tl.float32)
+
+
+@triton.jit
+def fused_qkv_kernel(
+    q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride, q_col, k_col, v_col,
+    q_w, k_w, eps, w_off,
+    cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+    q_out, k_out, v_out, g_out,
+    k_cache, v_cache, slot_ptr, block_size, num_slots,
+    kc_blk, kc_slot, kc_head, vc_blk, vc_slot, vc_head,
+    k_scale, v_scale, T,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr,
+    HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
+    WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
+    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # Column stride between consecutive Q heads, and where the gate of a head starts.
+    Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
+    if pid_h < NQB:
+        t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
+        mask = rmask[:, None] & dmask[None, :]
+        y = _norm_rope(q_src, q_src_stride, q_col + h * Q_HSTRIDE, t, d, mask, q_w, eps, w_off,
+                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+                       D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED, HAS_POS)
+        dst = q_out + (t * HQ + h)[:, None] * D + d[None, :]
+        tl.store(dst, _cast(y, q_out.dtype.element_ty, INTERP), mask=mask)
+    elif pid_h < NQB + NKB:
+        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
+        mask = rmask[:, None] & dmask[None, :]
+        y = _norm_rope(k_src, k_src_stride, k_col + h * D, t, d, mask, k_w, eps, w_off,
+                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+                       D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED, HAS_POS)
+        if WRITE_K:
+            dst = k_out + (t * HKV + h)[:, None] * D + d[None, :]
+            tl.store(dst, _cast(y, k_out.dtype.element_ty, INTERP), mask=mask)
+        if HAS_CACHE:
+            _store_cache(k_cache, k_scale, t, h, d, mask, y, slot_ptr, block_size, num_slots,
+                         kc_blk, kc_slot, kc_head, SKIP_NEG, IS_FP8, HAS_KS, FP8_MAX, INTERP)
+    elif pid_h < NQB + NKB + NVB:
+        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
+        mask = rmask[:, None] & dmask[None, :]
+        src = v_src + t[:, None] * v_src_stride + (v_col + h * D)[:, None] + d[None, :]
+        x = tl.load(src, mask=mask, other=0.0)
+        if WRITE_V:
+            dst = v_out + (t * HKV + h)[:, None] * D + d[None, :]
+            tl.store(dst, x, mask=mask)
+        if HAS_CACHE:
+            _store_cache(v_cache, v_scale, t, h, d, mask, x.to(tl.float32), slot_ptr, block_size,
+                         num_slots, vc_blk, vc_slot, vc_head, SKIP_NEG, IS_FP8, HAS_VS, FP8_MAX,
+                         INTERP)
+    else:
+        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
+                                 BLOCK_H)
+        mask = rmask[:, None] & dmask[None, :]
+        if GATE == 1:
+            gcol = q_col + h * (2 * D) + D
+        else:
+            gcol = q_col + HQ * D + h * D
+        x = tl.load(q_src + t[:, None] * q_src_stride + gcol[:, None] + d[None, :], mask=mask)
+        tl.store(g_out + (t * HQ + h)[:, None] * D + d[None, :], x, mask=mask)
+
+
+def _pick_blocks(num_tokens: int, head_dim: int, max_heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps): about 2K-4K elements per program."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(1, min(triton.next_power_of_2(max_heads), 4096 // block_d, 8))
+    block_t = 1
+    if num_tokens >= 1024:
+        block_t = max(1, min(4, 2048 // (block_h * block_d)))
+    elems = block_t * block_h * block_d
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2
+    return block_t, block_h, block_d, num_warps
+
+
+def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
+           q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
+           rotary_dim, is_neox, table_expanded, key_cache, value_cache, slot_mapping,
+           cache_layout, skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
+           write_q, write_k, write_v, write_gate, *, poison: float | None = None):
+    """Allocate the outputs and launch the kernel once; caches (if given) are written in place.
+
+    ``poison`` (tests only) fills the outputs first, so an element the kernel skips shows.
+    """
+    t = q_src.shape[0]
+    dev, dt = q_src.device, q_src.dtype
+    gated = gate_layout != GATE_NONE
+    write_gate = write_gate and gated
+
+    def alloc(want, heads):
+        out = torch.empty((t, heads, d) if want else (0,), device=dev, dtype=dt)
+        return out if poison is None else out.fill_(poison)
+
+    q_out, k_out, v_out = alloc(write_q, hq), alloc(write_k, hkv), alloc(write_v, hkv)
+    g_out = alloc(write_gate, hq)
+    has_cache = key_cache is not None
+    if t == 0:
+        return q_out, k_out, v_out, g_out
+    block_t, block_h, block_d, num_warps = _pick_blocks(t, d, max(hq, hkv))
+    nqb = triton.cdiv(hq, block_h) if write_q else 0
+    nkb = triton.cdiv(hkv, block_h) if (write_k or has_cache) else 0
+    nvb = triton.cdiv(hkv, block_h) if (write_v or has_cache) else 0
+    ngb = triton.cdiv(hq, block_h) if write_gate else 0
+    if nqb + nkb + nvb + ngb == 0:
+        return q_out, k_out, v_out, g_out
+    fp8 = None
+    if has_cache:
+        fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
+        if key_cache.dtype == torch.uint8:  # fp8 bytes: let Triton see the real format
+            key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
+        nb, bs, kb, ks, kh, _ = cache_geometry(key_cache, cache_layout)
+        _, _, vb, vs, vh, _ = cache_geometry(value_cache, cache_layout)
+        num_slots = nb * bs
+    else:
+        key_cache = value_cache = slot_mapping = q_out  # never dereferenced
+        nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
+    dummy = q_out
+    grid = (triton.cdiv(t, block_t), nqb + nkb + nvb + ngb)
+    fused_qkv_kernel[grid](
+        q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
+        q_col, k_col, v_col,
+        q_weight if q_weight is not None else dummy,
+        k_weight if k_weight is not None else dummy,
+        float(eps), float(weight_offset),
+        cos, sin, cos.stride(0), sin.stride(0),
+        positions if positions is not None else dummy, cos.shape[0],
+        q_out, k_out, v_out, g_out,
+        key_cache, value_cache, slot_mapping, bs, num_slots,
+        kb, ks, kh, vb, vs, vh,
+        k_scale if k_scale is not None else dummy,
+        v_scale if v_scale is not None else dummy, t,
+        HQ=hq, HKV=hkv, D=d, R=rotary_dim, GATE=gate_layout,
+        HAS_NORM=apply_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
+        IS_NEOX=is_neox, EXPANDED=table_expanded, HAS_POS=positions is not None,
+        HAS_CACHE=has_cache, SKIP_NEG=skip_negative_slots, IS_FP8=fp8 is not None,
+        HAS_KS=k_scale is not None, HAS_VS=v_scale is not None,
+        FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
+        WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
+        NQB=nqb, NKB=nkb, NVB=nvb,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        INTERP=q_src.device.type == "cpu",
+    )
+    return q_out, k_out, v_out, g_out

@@ -1,0 +1,67 @@
+"""The Triton kernel against the reference, feature by feature (CPU interpreter and GPU)."""
+import zlib
+
+import pytest
+import torch
+
+from kernels.op_schema import LAYOUT_HND, LAYOUT_NHD
+
+from .cases import Case
+from .conftest import DEVICES
+from .kernel_check import check_case
+
+# Each entry: (id, Case).  Small shapes; T=1, odd T, GQA and MHA, D = 64/80/128/256.
+CASES = [
+    ("base", Case()),
+    ("T1", Case(T=1)),
+    ("mha", Case(hq=3, hkv=3, T=5)),
+    ("gqa8", Case(hq=8, hkv=1, T=3)),
+    ("d80", Case(d=80)),
+    ("d128", Case(d=128, T=3)),
+    ("d256", Case(d=256, T=2, hq=2, hkv=1)),
+    ("d96_partial", Case(d=96, rotary_dim=32)),
+    ("gptj", Case(is_neox=False)),
+    ("gptj_partial", Case(is_neox=False, d=128, rotary_dim=64, T=3)),
+    ("partial_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1)),
+    ("no_norm", Case(norm=None)),
+    ("gemma_offset1", Case(norm=1.0)),
+    ("norm_no_weight", Case(has_weight=False)),
+    ("eps1e-5", Case(eps=1e-5)),
+    ("gate_interleaved", Case(gate=1)),
+    ("gate_blocked", Case(gate=2)),
+    ("separate", Case(separate=True)),
+    ("row_stride", Case(row_pad=24, separate=False)),
+    ("separate_row_stride", Case(separate=True, row_pad=8)),
+    ("table_front", Case(table="front")),
+    ("table_expanded_neox", Case(table="expanded")),
+    ("table_expanded_gptj", Case(table="expanded", is_neox=False)),
+    ("gathered_front", Case(table="gathered_front")),
+    ("gathered_expanded", Case(table="gathered_expanded")),
+    ("table_bf16", Case(table_dtype=torch.bfloat16)),
+    ("table_fp16", Case(table_dtype=torch.float16, dtype=torch.float16)),
+    ("fp16", Case(dtype=torch.float16)),
+    ("fp32", Case(dtype=torch.float32)),
+    ("hnd", Case(layout=LAYOUT_HND)),
+    ("shared_base_nhd", Case(shared_base=True)),
+    ("shared_base_hnd", Case(shared_base=True, layout=LAYOUT_HND)),
+    ("fp8_e4m3", Case(cache_dtype="fp8_e4m3")),
+    ("fp8_e5m2", Case(cache_dtype="fp8_e5m2")),
+    ("fp8_no_scale", Case(cache_dtype="fp8_e4m3", scales=False)),
+    ("uint8_e4m3", Case(cache_dtype="uint8_e4m3")),
+    ("uint8_e5m2_hnd", Case(cache_dtype="uint8_e5m2", layout=LAYOUT_HND)),
+    ("index_mode", Case(skip_negative=False)),
+    ("int32_idx", Case(idx_dtype=torch.int32)),
+    ("no_cache", Case(cache=False)),
+    ("no_cache_gated", Case(cache=False, gate=1)),
+    ("skip_kv_out", Case(writes=(True, False, False, True))),
+    ("skip_gate_out", Case(gate=2, writes=(True, True, True, False))),
+    ("bigger_T", Case(T=37, num_blocks=12, block_size=4)),
+    ("block_size_16", Case(T=9, block_size=16, num_blocks=2)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for _, c in CASES], ids=[i for i, _ in CASES])
+def test_kernel_matches_reference(case, device):
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    check_case(case, device)
