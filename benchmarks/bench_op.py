@@ -1,0 +1,202 @@
+"""Attention pre-processing: fused op vs eager PyTorch vs stock torch.compile, one card, one run.
+
+Prints, per (model shape, layout, T): median time of each implementation, the floor (bytes
+that must move / measured copy bandwidth), the fused op's fraction of that bandwidth, and
+speed-ups against the baselines.  Small T are timed as CUDA-graph replays (launch gaps gone).
+
+    python benchmarks/bench_op.py [--quick] [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels  # noqa: E402
+from kernels import split_norm_rope_cache  # noqa: E402
+
+SHAPES = {
+    # name: (H_q, H_kv, D, rotary_dim, gated, cache dtype)
+    "qwen3-8b": (32, 8, 128, 128, False, "bf16"),
+    "qwen3-next": (16, 2, 256, 64, True, "fp8"),
+    "glm-4.5": (96, 8, 128, 64, False, "bf16"),
+}
+TOKENS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
+
+
+@torch.library.custom_op("bench::write_cache", mutates_args=("key_cache", "value_cache"))
+def write_cache_opaque(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """vLLM-style opaque in-place cache write (reshape_and_cache_flash stand-in)."""
+    h, d = k.shape[-2], k.shape[-1]
+    key_cache.view(-1, h, d).index_copy_(0, slots, k.to(key_cache.dtype))
+    value_cache.view(-1, h, d).index_copy_(0, slots, v.to(value_cache.dtype))
+
+
+@write_cache_opaque.register_fake
+def _(k, v, key_cache, value_cache, slots):
+    return None
+
+
+def unfused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, *, hq, hkv, d, r, gated, fp8, opaque,
+            hnd):
+    """The chain as vLLM/HF models write it: split, per-head norm, NeoX rope, cache write."""
+    t = qkv.shape[0]
+    qw_, kvw = hq * d * (2 if gated else 1), hkv * d
+    q, k, v = qkv.split([qw_, kvw, kvw], -1)
+    gate = None
+    if gated:
+        q, gate = q.view(t, hq, 2 * d).chunk(2, -1)
+    q = F.rms_norm(q.reshape(t, hq, d), (d,), qw, 1e-6)
+    k = F.rms_norm(k.view(t, hkv, d), (d,), kw, 1e-6)
+    cos, sin = cos_sin[pos].chunk(2, -1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rope(x):
+        xr, xp = x[..., :r], x[..., r:]
+        x1, x2 = xr.chunk(2, -1)
+        o = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+        return torch.cat([o, xp], -1) if r < d else o
+
+    q, k = rope(q), rope(k)
+    v = v.view(t, hkv, d)
+    kk, vv = k, v
+    if fp8:
+        kk, vv = (k / 1.0).to(kc.dtype), (v / 1.0).to(vc.dtype)
+    if opaque:
+        write_cache_opaque(kk, vv, kc, vc, slots)
+    elif hnd:
+        bs = kc.shape[2]
+        blk, off = slots // bs, slots % bs
+        kc[blk, :, off] = kk
+        vc[blk, :, off] = vv
+    else:
+        kc.view(-1, hkv, d)[slots] = kk
+        vc.view(-1, hkv, d)[slots] = vv
+    return q, gate
+
+
+def fused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, *, hq, hkv, d, r, gated, fp8, opaque, hnd):
+    out = split_norm_rope_cache(
+        qkv, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, gate="interleaved" if gated else None,
+        q_weight=qw, k_weight=kw, eps=1e-6, positions=pos, cos_sin_cache=cos_sin,
+        key_cache=kc, value_cache=vc, slot_mapping=slots, cache_layout="HND" if hnd else "NHD",
+        return_k=False, return_v=False)
+    return out.q, out.gate
+
+
+def floor_bytes(t, hq, hkv, d, r, gated, cache_bytes, act=2):
+    read = t * (hq * (2 if gated else 1) + 2 * hkv) * d * act + t * r * 4 + 2 * t * 8
+    write = t * hq * d * act * (2 if gated else 1) + 2 * t * hkv * d * cache_bytes
+    return read + write
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), graph=False)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def bench(fn, graph: bool) -> float:
+    import triton.testing as tt
+
+    if graph:
+        return tt.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_inputs(name, t, hnd):
+    hq, hkv, d, r, gated, cdt = SHAPES[name]
+    dev = "cuda"
+    qkv = torch.randn(t, (hq * (2 if gated else 1) + 2 * hkv) * d, device=dev, dtype=torch.bfloat16)
+    qw = torch.randn(d, device=dev, dtype=torch.bfloat16)
+    kw = torch.randn(d, device=dev, dtype=torch.bfloat16)
+    ang = torch.rand(max(4096, t), r // 2, device=dev) * 2 * math.pi
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+    pos = torch.randint(0, cos_sin.shape[0], (t,), device=dev)
+    bs = 16
+    nb = max(2 * t, 65536) // bs
+    cdtype = torch.float8_e4m3fn if cdt == "fp8" else torch.bfloat16
+    shape = (nb, hkv, bs, d) if hnd else (nb, bs, hkv, d)
+    kc = torch.randn(shape, device=dev).to(cdtype)
+    vc = torch.randn(shape, device=dev).to(cdtype)
+    slots = torch.randperm(nb * bs, device=dev)[:t]
+    kwargs = dict(hq=hq, hkv=hkv, d=d, r=r, gated=gated, fp8=cdt == "fp8", hnd=hnd)
+    return (qkv, qw, kw, cos_sin, pos, kc, vc, slots), kwargs, 1 if cdt == "fp8" else 2
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer T, NHD only")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
+    layouts = (False,) if args.quick else (False, True)
+    rows = []
+    hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>9} {'compile':>9} {'c+opaque':>9} "
+           f"{'fused':>9} {'floor':>8} | {'%bw':>5} {'x eager':>7} {'x comp':>7} {'x opq':>6}")
+    print(hdr)
+    for name in SHAPES:
+        for hnd in layouts:
+            comp = torch.compile(unfused, dynamic=True)
+            for t in tokens:
+                inp, kw, cbytes = make_inputs(name, t, hnd)
+                graph = t <= 256
+                res = {}
+                for label, fn, extra in (("eager", unfused, dict(opaque=False)),
+                                         ("compile", comp, dict(opaque=False)),
+                                         ("c+opaque", comp, dict(opaque=True)),
+                                         ("fused", fused, dict(opaque=False))):
+                    call = lambda: fn(*inp, **kw, **extra)  # noqa: E731
+                    try:
+                        call()
+                        torch.cuda.synchronize()
+                        res[label] = bench(call, graph) * 1e3  # us
+                    except Exception as e:  # a baseline that cannot run is reported, not fatal
+                        print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
+                        res[label] = float("nan")
+                fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
+                floor_us = fb / bw * 1e6
+                pct = floor_us / res["fused"] * 100
+                row = dict(shape=name, layout="HND" if hnd else "NHD", T=t, floor_us=floor_us,
+                           bw_frac=pct / 100, **{k + "_us": v for k, v in res.items()})
+                rows.append(row)
+                print(f"{name:11} {'HND' if hnd else 'NHD':3} {t:>6} | {res['eager']:9.2f} "
+                      f"{res['compile']:9.2f} {res['c+opaque']:9.2f} {res['fused']:9.2f} "
+                      f"{floor_us:8.2f} | {pct:5.1f} {res['eager'] / res['fused']:7.2f} "
+                      f"{res['compile'] / res['fused']:7.2f} {res['c+opaque'] / res['fused']:6.2f}",
+                      flush=True)
+    # Host overhead of the eager entry point at T=1, no CUDA graph.
+    inp, kw, _ = make_inputs("qwen3-8b", 1, False)
+    for _ in range(50):
+        fused(*inp, **kw, opaque=False)
+    torch.cuda.synchronize()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fused(*inp, **kw, opaque=False)
+    torch.cuda.synchronize()
+    host_us = (time.perf_counter() - t0) / n * 1e6
+    print(f"# eager entry point, T=1, no graph: {host_us:.1f} us/call")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
