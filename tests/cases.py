@@ -42,6 +42,10 @@ class Case:
     scales: bool = True
     skip_negative: bool = True
     bad_slots: bool = True  # include -1 and a slot past the end
+    # With bad_slots: the negative slot is ``perm[1] - num_slots`` (in [-n, -1]) instead of -1,
+    # so that in indexing mode it wraps onto a slot no other token uses.  Duplicate slots have no
+    # defined write order on the GPU, so the fuzzers (which compare with the reference) need this.
+    unique_slots: bool = False
     idx_dtype: torch.dtype = torch.int64
     writes: tuple = (True, True, True, True)
 
@@ -89,7 +93,7 @@ def _slots(c: Case, device) -> torch.Tensor:
     assert c.T <= n + 2, "case needs more cache slots"
     perm = torch.randperm(n)[: c.T]
     if c.bad_slots and c.T >= 3:
-        perm[1] = -1
+        perm[1] = perm[1] - n if c.unique_slots else -1
         perm[c.T // 2 + 1] = n + 3  # past the end
     return perm.to(device=device, dtype=c.idx_dtype)
 

@@ -1,0 +1,502 @@
+"""The fusion: find QKV split -> per-head RMSNorm -> RoPE -> paged cache write chains, replace.
+
+Steps, each a small matcher of its own module:
+1. ``match_rope`` anchors every candidate (the rotation is the one step every chain has);
+2. ``match_norm`` looks behind the rope input (through views and casts) for a per-head norm;
+3. ``match_split`` decodes which projection columns the head tensor reads (by strides);
+4. ``match_cache`` decodes every ``index_put`` cache write; K writes are the ones whose value
+   is a rope output, V writes the ones whose value is a projection view;
+5. ropes sharing cos/sin are paired into Q and K, guards run, and ``rewrite`` inserts one op.
+Longest chain first: with a cache write when there is one (``split_norm_rope_cache``), else the
+partial fusion without it (``split_norm_rope``).  Rope-before-norm (HunYuan) and norms over the
+whole projection (OLMo2) are not this op and are reported as rejected.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.fx import Graph, Node
+
+from kernels.op_schema import GATE_NONE
+
+from . import guards
+from .graph_util import aten, fake_mode_of, is_cast, is_op, is_view_node, tensor_val, view_input
+from .guards import GuardFailure
+from .layout import LayoutError
+from .match_cache import CacheMatchError, CacheWrite, find_index_puts, match_cache_write
+from .match_norm import NormMatch, match_norm
+from .match_rope import RopeMatch, match_rope
+from .match_split import HeadSource, head_source, trace_to_root, trace_views
+from .options import FusionOptions
+from .report import Candidate, Report
+from .rewrite import Builder, call_fused, call_fused_with_cache, replace_cache_chain
+
+ROPE_ANCHORS = (aten.cat.default, aten.add.Tensor, aten.reshape.default, aten.view.default)
+
+
+@dataclasses.dataclass
+class Chain:
+    """One head tensor's chain: projection view -> [norm] -> rope."""
+
+    rope: RopeMatch
+    norm: Optional[NormMatch]
+    src: Optional[HeadSource]
+    error: Optional[str] = None
+    cache: Optional[CacheWrite] = None
+
+    @property
+    def heads(self) -> int:
+        return self.src.layout.heads
+
+    def forms(self) -> dict:
+        norm = None
+        if self.norm is not None:
+            norm = "rms_norm" + ("(1+w)" if self.norm.offset else "") + \
+                ("" if self.norm.weight is not None else "(no weight)")
+        cos = self.rope.cos
+        table = ("cos_sin_cache[positions]" if cos.positions is not None else "per-token cos/sin")
+        return {"split": _split_form(self.src), "norm": norm,
+                "rope": f"{self.rope.form}(r={self.rope.rotary_dim}) {table}"}
+
+
+def _split_form(src: Optional[HeadSource]) -> Optional[str]:
+    if src is None:
+        return None
+    lay = src.layout
+    return f"cols {lay.col}+{lay.heads}x{lay.head_stride}"
+
+
+def _find_chains(graph: Graph, fake_mode, report_chain) -> list:
+    chains = []
+    claimed = set()
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in ROPE_ANCHORS or n in claimed:
+            continue
+        m = match_rope(n)
+        if m is None:
+            continue
+        # A partial-rotary outer cat also matches its inner rotation: keep the outer one.
+        claimed.update(a for a in (n.args[0] if is_op(n, aten.cat.default) else []) if
+                       isinstance(a, Node))
+        chains.append(_chain_for(m, fake_mode))
+    return [c for c in chains if c.rope.out not in claimed]
+
+
+def _chain_for(m: RopeMatch, fake_mode) -> Chain:
+    d = tensor_val(m.x).shape[-1]
+    node, post = trace_views(m.x, stop=lambda n: match_norm(n) is not None)
+    nm = match_norm(node)
+    if nm is not None:
+        if tensor_val(nm.x).shape[-1] != d:
+            return Chain(m, nm, None, "norm spans all heads (OLMo2 style): not a per-head norm")
+        x_raw, post_ops = nm.x, post
+    else:
+        x_raw = m.x
+        while is_cast(x_raw):
+            x_raw = x_raw.args[0]
+        post_ops = []
+        if not is_view_node(x_raw):
+            return Chain(m, None, None, _why_not_projection(x_raw))
+    try:
+        src = head_source(x_raw, post_ops, d, fake_mode)
+    except LayoutError as e:
+        return Chain(m, nm, None, f"split: {e}")
+    return Chain(m, nm, src)
+
+
+def _why_not_projection(n: Node) -> str:
+    if match_norm(n) is not None:
+        return "norm spans all heads (OLMo2 style): not a per-head norm"
+    return f"rope input is computed by {getattr(n.target, '__name__', n.target)}, not a view " \
+           f"of a projection"
+
+
+def _rope_then_norm(chain: Chain) -> bool:
+    """HunYuan: the rope output feeds a per-head norm."""
+    for u in chain.rope.out.users:
+        node = u
+        for _ in range(4):
+            if is_op(node, aten.pow.Tensor_Scalar) or is_op(node, aten.mul.Tensor) and any(
+                    is_op(a, aten.rsqrt.default) for a in node.args):
+                return True
+            if not isinstance(node, Node) or not node.users:
+                break
+            node = next(iter(node.users))
+    return False
+
+
+def _value_source(value: Node, rope_outs: dict) -> tuple:
+    """A written value -> ("k", chain) if it views a rope output, ("v", root) if a projection."""
+    n = value
+    while True:
+        if n in rope_outs:
+            return "k", rope_outs[n]
+        if is_view_node(n):
+            n = view_input(n)
+            continue
+        break
+    root, chain = trace_to_root(value)
+    if chain:
+        return "v", root
+    return None, None
+
+
+def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
+    """Fuse every chain in ``graph``; returns how many op calls were inserted."""
+    gid = report.new_graph()
+    fake_mode = fake_mode_of(graph)
+    if fake_mode is None:
+        return 0
+    chains = _find_chains(graph, fake_mode, None)
+    rope_outs = {c.rope.out: c for c in chains}
+
+    # Cache writes: K writes hang off rope outputs, V writes off projection views.
+    v_writes = []
+    for ip in find_index_puts(graph):
+        try:
+            w = match_cache_write(ip)
+        except CacheMatchError as e:
+            report.add(Candidate(gid, f"cache write {ip.name}", {"cache": "index_put"},
+                                 "rejected", str(e), "cache"))
+            continue
+        kind, what = _value_source(w.value, rope_outs)
+        if kind == "k" and what.cache is None:
+            what.cache = w
+        elif kind == "v":
+            v_writes.append((w, what))
+
+    # Pair Q and K: chains that read the same cos/sin; K is the one written to a cache.
+    usable = []
+    for c in chains:
+        if c.error is not None:
+            report.add(Candidate(gid, c.rope.out.name, c.forms(), "rejected", c.error, "match"))
+        elif _rope_then_norm(c):
+            report.add(Candidate(gid, c.rope.out.name, c.forms(), "rejected",
+                                 "rope is followed by a norm (HunYuan style): not this op",
+                                 "order"))
+        else:
+            usable.append(c)
+    pairs = _pair(usable, report, gid)
+    fused = 0
+    for q, k in pairs:
+        fused += _fuse_pair(graph, fake_mode, q, k, v_writes, opts, report, gid)
+    if fused:
+        graph.eliminate_dead_code()
+        from torch._inductor.pattern_matcher import stable_topological_sort
+
+        stable_topological_sort(graph)
+        graph.lint()
+    return fused
+
+
+def _pair(chains: list, report: Report, gid: int) -> list:
+    groups = {}
+    for c in chains:
+        key = (c.rope.cos.key(), c.rope.sin.key(), c.rope.rotary_dim, c.rope.is_neox)
+        groups.setdefault(key, []).append(c)
+    pairs = []
+    for group in groups.values():
+        left = list(group)
+        while left:
+            a = left.pop(0)
+            partner = None
+            for b in left:  # same projection (packed) first, then same layer input
+                if b.src.root is a.src.root:
+                    partner = b
+                    break
+            if partner is None:
+                for b in left:
+                    if _layer_input(b.src.root) is _layer_input(a.src.root) and \
+                            _layer_input(a.src.root) is not None:
+                        partner = b
+                        break
+            if partner is None and len(left) == 1 and len(group) == 2:
+                partner = left[0]
+            if partner is None:
+                report.add(Candidate(gid, a.rope.out.name, a.forms(), "rejected",
+                                     "rope on one tensor only: no Q/K pair found", "pairing"))
+                continue
+            left.remove(partner)
+            q, k = _order(a, partner)
+            pairs.append((q, k))
+    return pairs
+
+
+def _layer_input(root: Node) -> Optional[Node]:
+    """For a separate projection (mm), the hidden states it multiplies."""
+    if is_op(root, aten.mm.default, aten.addmm.default, aten.bmm.default):
+        x = root.args[1] if root.target is aten.addmm.default else root.args[0]
+        while is_view_node(x) or is_cast(x):
+            x = view_input(x) if is_view_node(x) else x.args[0]
+        return x
+    return None
+
+
+def _order(a: Chain, b: Chain) -> tuple:
+    """(Q, K): K is written to the cache; else K has fewer heads / later columns."""
+    if a.cache is not None and b.cache is None:
+        return b, a
+    if b.cache is not None and a.cache is None:
+        return a, b
+    if a.heads != b.heads:
+        return (a, b) if a.heads > b.heads else (b, a)
+    return (a, b) if a.src.layout.col <= b.src.layout.col else (b, a)
+
+
+def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid) -> int:
+    name = f"q:{q.rope.out.name} k:{k.rope.out.name}"
+    forms = {"split": f"Q {_split_form(q.src)}, K {_split_form(k.src)}",
+             "norm": q.forms()["norm"], "rope": q.forms()["rope"], "cache": None}
+    d = q.src.layout.head_dim
+    vw = None
+    try:
+        guards.device([q.src.root, k.src.root], opts.allow_cpu)
+        guards.dtypes([q.src.root, k.src.root])
+        guards.head_dim(d)
+        guards.heads(q.heads, k.heads)
+        guards.rotary(q.rope.rotary_dim, k.rope.rotary_dim, q.rope.is_neox, k.rope.is_neox, d)
+        guards.tables(q.rope.cos, k.rope.cos, q.rope.sin, k.rope.sin)
+        guards.norms(q.norm, k.norm)
+        guards.same_rows(q.src.root, k.src.root, "Q and K")
+        gate = guards.head_stride(q.src.layout, d, "Q")
+        guards.head_stride(k.src.layout, d, "K")
+        if q.norm is not None and not opts.fuse_norm:
+            raise GuardFailure("options", "norm fusion is turned off (fuse_norm=False)")
+    except GuardFailure as e:
+        report.add(Candidate(gid, name, forms, "rejected", e.reason, e.guard))
+        return 0
+    partial_reason = None
+    if k.cache is not None and opts.fuse_cache:
+        vw = _find_v_write(k.cache, v_writes, k)
+        if vw is None:
+            partial_reason = "no matching V cache write"
+        else:
+            try:
+                _cache_guards(k.cache, vw[0], vw[1], k, d)
+            except GuardFailure as e:
+                partial_reason = f"{e.guard}: {e.reason}"
+                vw = None
+    elif k.cache is None:
+        partial_reason = "no cache write of K"
+    else:
+        partial_reason = "cache fusion is turned off (fuse_cache=False)"
+    try:
+        op_name = _rewrite(graph, fake_mode, q, k, vw, gate, d)
+    except (LookupError, ValueError, LayoutError) as e:
+        report.add(Candidate(gid, name, forms, "rejected", f"rewrite: {e}", "rewrite"))
+        return 0
+    if vw is not None:
+        kc = k.cache
+        forms["cache"] = ("NHD" if kc.layout == 0 else "HND") + f"[{kc.slot_kind}]" + \
+            (f" {kc.fp8}" if kc.fp8 else "")
+        report.add(Candidate(gid, name, forms, "fused", op=op_name))
+    else:
+        report.add(Candidate(gid, name, forms, "fused-partial", partial_reason, "cache",
+                             op=op_name))
+    return 1
+
+
+def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
+    for w, root in v_writes:
+        if w.slot_kind == kw.slot_kind and all(a is b for a, b in zip(w.slot_args, kw.slot_args)):
+            if root is k.src.root or _layer_input(root) is _layer_input(k.src.root):
+                return w, root
+    for w, root in v_writes:  # same slots, any projection
+        if w.slot_kind == kw.slot_kind and all(a is b for a, b in zip(w.slot_args, kw.slot_args)):
+            return w, root
+    return None
+
+
+def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> None:
+    guards.check("cache", kw.layout == vw.layout and tuple(kw.size) == tuple(vw.size),
+                 "K and V caches differ in layout or shape")
+    guards.check("cache", kw.fp8 == vw.fp8 and kw.kv_cache_dtype == vw.kv_cache_dtype,
+                 "K and V caches differ in dtype")
+    kv = tensor_val(kw.index_put.args[0])
+    guards.check("cache", kv.dtype == tensor_val(k.src.root).dtype or kw.fp8 is not None,
+                 f"cache dtype {kv.dtype} differs from the activations")
+    heads = kw.size[2] if kw.layout == 0 else kw.size[1]
+    guards.check("cache", heads == k.heads and kw.size[3] == d,
+                 f"cache heads/dim {heads}x{kw.size[3]} do not match K ({k.heads}x{d})")
+    guards.same_rows(v_root, k.src.root, "V and K")
+    guards.dtypes([v_root, k.src.root])
+
+
+def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str:
+    from kernels import custom_op  # noqa: F401  (registers the ops)
+
+    outs_q = q.rope.out
+    if vw is not None:  # validate before touching the graph
+        _check_value_layout(k, k.cache)
+        _check_value_layout_v(vw[0], head_source_for_v(vw[0].value, vw[1], d, fake_mode))
+    anchor = _insertion_point(graph, [q.rope.out, k.rope.out] +
+                              ([k.cache.index_put, vw[0].index_put] if vw else []))
+    b = Builder(graph, fake_mode, anchor)
+    try:
+        return _build(b, q, k, vw, gate, d, fake_mode, outs_q)
+    except Exception:
+        for n in reversed(b.created):  # leave the graph as it was
+            if not n.users:
+                graph.erase_node(n)
+        raise
+
+
+def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, outs_q) -> str:
+    providers = [q.src.root, k.src.root, q.rope.x, k.rope.x]
+    q_src = b.rows2d(q.src.root)
+    k_src = q_src if k.src.root is q.src.root else b.rows2d(k.src.root)
+    cos, sin, positions, expanded = _tables(b, q, providers)
+    norm = q.norm
+    head = (q_src, k_src, None, q.src.layout.col, k.src.layout.col, None,
+            q.heads, k.heads, d, gate,
+            norm.weight if norm else None, k.norm.weight if norm else None,
+            norm is not None, float(norm.eps) if norm else 1e-6,
+            float(norm.offset) if norm else 0.0,
+            cos, sin, positions, q.rope.rotary_dim, q.rope.is_neox, expanded)
+    k_users = [u for u in k.rope.out.users if not _on_value_path(u, k.cache)] if vw else \
+        list(k.rope.out.users)
+    write_k = bool(k_users)
+    if vw is not None:
+        w, v_root = vw
+        v_lay = head_source_for_v(w.value, v_root, d, fake_mode)
+        v_src = q_src if v_root is q.src.root else (k_src if v_root is k.src.root else
+                                                     b.rows2d(v_root))
+        head = head[:2] + (v_src,) + head[3:5] + (v_lay.col,) + head[6:]
+        slots = _slots(b, k.cache, providers)
+        kc = dict(base=k.cache.base, size=k.cache.size, stride=k.cache.stride,
+                  offset=k.cache.offset)
+        vc = dict(base=w.base, size=w.size, stride=w.stride, offset=w.offset)
+        op = torch.ops.fused_qkv.split_norm_rope_cache.default
+        args = head + (None, None, slots, k.cache.layout, False, k.cache.kv_cache_dtype,
+                       k.cache.scale, w.scale, True, write_k, False, False)
+        af, outs, new_bases = call_fused_with_cache(b, op, args, kc, vc)
+        replace_cache_chain(b, k.cache, new_bases[id(k.cache.base)])
+        replace_cache_chain(b, w, new_bases[id(w.base)])
+        for cw in (k.cache, w):
+            cw.copy_node.replace_input_with(cw.copy_node.args[1], new_bases[id(cw.base)])
+        op_name = "fused_qkv.split_norm_rope_cache"
+    else:
+        head = head[:2] + (k_src,) + head[3:5] + (k.src.layout.col,) + head[6:]
+        op = torch.ops.fused_qkv.split_norm_rope.default
+        _, outs = call_fused(b, op, head + (True, write_k, False, False))
+        op_name = "fused_qkv.split_norm_rope"
+    new_q = b.to_head_tensor(outs[0], outs_q, q.src.layout, providers)
+    outs_q.replace_all_uses_with(new_q)
+    if write_k:
+        new_k = b.to_head_tensor(outs[1], k.rope.out, k.src.layout, providers)
+        for u in k_users:
+            u.replace_input_with(k.rope.out, new_k)
+    return op_name
+
+
+def _insertion_point(graph: Graph, nodes) -> Node:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    users = [u for n in nodes for u in n.users]
+    cands = users + [n for n in nodes if is_op(n, aten.index_put.default)]
+    return min(cands, key=lambda u: order[u])
+
+
+def _tables(b: Builder, q: Chain, providers) -> tuple:
+    cs, ss = q.rope.cos, q.rope.sin
+    r = q.rope.rotary_dim
+    width = r if cs.expanded else r // 2
+    if cs.positions is not None and ss.positions is not None:
+        guards.check("positions", cs.positions is ss.positions, "cos and sin use other positions")
+        cos = b.table_cols(cs.table, cs.col, width)
+        sin = b.table_cols(ss.table, ss.col, width)
+        pos = b.flat1d(cs.positions)
+        pv = tensor_val(pos)
+        from .graph_util import same_sym
+        from .layout import rows_of
+
+        rows = rows_of(tensor_val(q.src.root))[2]
+        if not same_sym(pv.shape[0], rows):
+            raise ValueError("positions do not have one entry per token")
+        return cos, sin, pos, cs.expanded
+    if cs.gathered is None or ss.gathered is None:
+        raise ValueError("cos and sin come in different forms")
+    cos = b.per_token(cs.gathered, q.rope.x, q.src.layout, providers)
+    sin = b.per_token(ss.gathered, q.rope.x, q.src.layout, providers)
+    return cos, sin, None, cs.expanded
+
+
+def _on_value_path(u: Node, cw: Optional[CacheWrite]) -> bool:
+    """Is user ``u`` of the K rope output only feeding the cache write?"""
+    if cw is None:
+        return False
+    n, seen = u, 0
+    while isinstance(n, Node) and seen < 8:
+        if n is cw.index_put:
+            return True
+        if len(n.users) != 1:
+            return False
+        n, seen = next(iter(n.users)), seen + 1
+    return False
+
+
+def head_source_for_v(value: Node, root: Node, d: int, fake_mode):
+    from .layout import head_layout
+
+    return head_layout(tensor_val(value), tensor_val(root), d)
+
+
+def _check_value_layout(k: Chain, cw: CacheWrite) -> None:
+    """The written K must be the rope output in [T, H, D] (or HF [B, H, S, D]) token order."""
+    lay = k.src.layout
+    want = (0,) if cw.value_shape_kind == "T,H,D" else (0, 2)
+    n, chain = cw.value, []
+    while n is not k.rope.out:
+        chain.append(n)
+        n = view_input(n)
+    if not chain:
+        if tuple(lay.tok_dims) != want and not (lay.tok_dims == () and want == (0,)):
+            raise ValueError("K is written to the cache in another token order")
+        if lay.head_axis not in (1, None):
+            raise ValueError("K is written to the cache in another head order")
+        return
+    # Through reshapes only, and from a rope output whose dims are already token-major.
+    if any(not is_op(c, aten.reshape.default, aten.view.default) for c in chain):
+        raise ValueError("K reaches the cache through a permutation")
+    ntok = len(lay.tok_dims)
+    if tuple(lay.tok_dims) != tuple(range(ntok)) or lay.head_axis not in (ntok, None) or \
+            want != (0,):
+        raise ValueError("K is written to the cache in another token order")
+
+
+def _check_value_layout_v(w: CacheWrite, lay) -> None:
+    want = (0,) if w.value_shape_kind == "T,H,D" else (0, 2)
+    if tuple(lay.tok_dims) != want and not (lay.tok_dims == () and want == (0,)):
+        raise ValueError("V is written to the cache in another token order")
+    if lay.head_axis not in (1, None):
+        raise ValueError("V is written to the cache in another head order")
+
+
+def _slots(b: Builder, cw: CacheWrite, providers) -> Node:
+    """Slot per token, in indexing semantics of the replaced write."""
+    if cw.slot_kind == "slot":
+        return b.flat1d(cw.slot_args[0])
+    if cw.slot_kind == "blk_off":
+        blk, off = cw.slot_args
+        nb = cw.size[0]
+        bs = cw.size[1] if cw.layout == 0 else cw.size[2]
+        # Negative indices count from the end of their own dim, as indexing does.
+        blk, off = _wrap_negative(b, b.flat1d(blk), nb), _wrap_negative(b, b.flat1d(off), bs)
+        return b.call(aten.add.Tensor, (b.call(aten.mul.Tensor, (blk, bs)), off))
+    # Hugging Face StaticCache: token (b, s) -> b * L + cache_position[s]
+    (pos,) = cw.slot_args
+    nb, length = cw.size[0], cw.size[2]
+    pos = _wrap_negative(b, b.flat1d(pos), length)
+    pv = tensor_val(pos)
+    starts = b.call(aten.mul.Tensor, (b.call(aten.arange.start_step, (0, nb, 1),
+                                             {"dtype": pv.dtype, "device": pv.device}), length))
+    grid = b.call(aten.add.Tensor, (b.call(aten.unsqueeze.default, (starts, 1)),
+                                    b.call(aten.unsqueeze.default, (pos, 0))))
+    return b.call(aten.reshape.default, (grid, [-1]))
+
+
+def _wrap_negative(b: Builder, x: Node, n: int) -> Node:
+    """x + n where x < 0: negative indices count from the end, as PyTorch indexing does."""
+    neg = b.call(aten.lt.Scalar, (x, 0))
+    return b.call(aten.add.Tensor, (x, b.call(aten.mul.Tensor, (neg, n))))

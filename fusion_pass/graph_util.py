@@ -1,0 +1,123 @@
+"""Small helpers over post-grad FX graphs: node predicates, walking views, fake values."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+from torch.fx import Graph, Node
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops that only re-describe memory.  Post-grad graphs show `view` as `reshape`.
+VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.slice.Tensor, aten.select.int, aten.expand.default, aten.alias.default,
+    aten.transpose.int, aten.t.default,
+}
+SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+             aten.chunk.default}
+
+
+def is_op(n: Any, *targets) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in targets
+
+
+def val(n: Any):
+    """The fake value of a node (or the constant itself)."""
+    if isinstance(n, Node):
+        return n.meta.get("val")
+    return n
+
+
+def tensor_val(n: Any) -> Optional[torch.Tensor]:
+    v = val(n)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_view_node(n: Any) -> bool:
+    """A node whose value is a view of its first input (split outputs included)."""
+    if not isinstance(n, Node) or n.op != "call_function":
+        return False
+    if n.target in VIEW_OPS:
+        return True
+    if n.target is operator.getitem and is_op(n.args[0], *SPLIT_OPS):
+        return True
+    return False
+
+
+def view_input(n: Node) -> Node:
+    """The tensor a view node views."""
+    if n.target is operator.getitem:
+        return n.args[0].args[0]
+    return n.args[0]
+
+
+def is_cast(n: Any) -> bool:
+    return is_op(n, prims.convert_element_type.default, aten._to_copy.default)
+
+
+def skip_casts(n: Any) -> Any:
+    while is_cast(n):
+        n = n.args[0]
+    return n
+
+
+def fake_mode_of(graph: Graph):
+    return torch._guards.detect_fake_mode(
+        [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+
+
+def set_fake_val(n: Node, fake_mode) -> None:
+    """Compute ``meta['val']`` of a freshly inserted node by running it on fake values."""
+    args, kwargs = tree_map(lambda x: x.meta["val"] if isinstance(x, Node) else x, (n.args, n.kwargs))
+    with fake_mode:
+        n.meta["val"] = n.target(*args, **kwargs)
+
+
+def users_outside(n: Node, inside: set) -> list:
+    return [u for u in n.users if u not in inside]
+
+
+def same_sym(a, b) -> bool:
+    """Equal sizes, symbolically when needed."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def is_static(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def size_arg(graph: Graph, size, providers: Iterable[Node], before: Node):
+    """A value usable as a size argument in the graph: an int, or a node computing the SymInt.
+
+    Looks for a SymInt placeholder with the same symbol first, then inserts
+    ``aten.sym_size.int(p, dim)`` on a provider tensor whose dim has that size.
+    """
+    if isinstance(size, int):
+        return size
+    for n in graph.nodes:
+        if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.SymInt):
+            if same_sym(n.meta["val"], size):
+                return n
+    for p in providers:
+        pv = tensor_val(p)
+        if pv is None:
+            continue
+        for dim, s in enumerate(pv.shape):
+            if not isinstance(s, int) and same_sym(s, size):
+                with graph.inserting_before(before):
+                    node = graph.call_function(aten.sym_size.int, (p, dim))
+                node.meta["val"] = s
+                return node
+    raise LookupError(f"no node provides size {size}")

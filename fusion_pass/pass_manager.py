@@ -1,0 +1,86 @@
+"""The Inductor post-grad pass object: stable uuid, never breaks a compile, records a report."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from . import attention_prep
+from .options import FusionOptions
+from .report import Report
+
+log = logging.getLogger("fusion_pass")
+
+_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in _SOURCES:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    kdir = Path(__file__).parent.parent / "kernels"
+    for p in sorted(kdir.glob("*.py")):  # the op's schema is part of what the pass emits
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+_HASH = _source_hash()
+
+
+class FusionPass(CustomGraphPass):
+    """Post-grad pass fusing QKV split + per-head RMSNorm + RoPE + paged KV-cache write.
+
+    Use as ``torch.compile(m, options={"post_grad_custom_post_pass": FusionPass()})`` or via
+    :func:`fusion_pass.make_backend`.  ``self.report`` accumulates what every compiled graph
+    showed.  Inductor's FX graph cache stays on: ``uuid()`` hashes the options and the pass's
+    sources; on a cache hit the pass does not run (the cached code is already fused).
+    """
+
+    def __init__(self, options: Optional[FusionOptions] = None, **kwargs):
+        self.options = options if options is not None else FusionOptions(**kwargs)
+        self.report = Report()
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        before = None
+        try:
+            before = _snapshot(graph)
+            n = attention_prep.run(graph, self.options, self.report)
+            log.info("%s (this graph: %d fused op call(s))", self.report.summary(), n)
+        except Exception as e:  # never break a compile: restore the graph, log, go on
+            self.report.errors.append(f"{type(e).__name__}: {e}")
+            log.warning("fusion_pass failed on a graph, left unfused: %s: %s",
+                        type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            if before is not None:
+                _restore(graph, before)
+
+    def uuid(self) -> str:
+        return f"fusion_pass-{_HASH[:16]}-{self.options}"
+
+
+def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of the graph (nodes and meta) to restore if the pass fails halfway."""
+    new = torch.fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def _restore(graph: torch.fx.Graph, saved: torch.fx.Graph) -> None:
+    nodes = list(graph.nodes)
+    while nodes:  # erase users before what they use, whatever the current order
+        left = []
+        for n in reversed(nodes):
+            if n.users:
+                left.append(n)
+            else:
+                graph.erase_node(n)
+        if len(left) == len(nodes):
+            raise RuntimeError("could not restore the graph")
+        nodes = list(reversed(left))
+    out = graph.graph_copy(saved, {})
+    graph.output(out)
