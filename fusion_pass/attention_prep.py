@@ -14,6 +14,7 @@ whole projection (OLMo2) are not this op and are reported as rejected.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from torch.fx import Graph, Node
 
 from kernels.op_schema import GATE_NONE
 
-from . import guards
+from . import guards, token_order
 from .graph_util import aten, fake_mode_of, is_cast, is_op, is_view_node, tensor_val, view_input
 from .guards import GuardFailure
 from .layout import LayoutError
@@ -32,6 +33,8 @@ from .match_split import HeadSource, head_source, trace_to_root, trace_views
 from .options import FusionOptions
 from .report import Candidate, Report
 from .rewrite import Builder, call_fused, call_fused_with_cache, replace_cache_chain
+
+log = logging.getLogger("fusion_pass")
 
 ROPE_ANCHORS = (aten.cat.default, aten.add.Tensor, aten.reshape.default, aten.view.default)
 
@@ -45,6 +48,7 @@ class Chain:
     src: Optional[HeadSource]
     error: Optional[str] = None
     cache: Optional[CacheWrite] = None
+    cache_ops: Optional[list] = None  # views/copies from the rope output to the written K
 
     @property
     def heads(self) -> int:
@@ -74,7 +78,11 @@ def _find_chains(graph: Graph, fake_mode, report_chain) -> list:
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target not in ROPE_ANCHORS or n in claimed:
             continue
-        m = match_rope(n)
+        try:
+            m = match_rope(n)
+        except Exception as e:  # an odd node must not stop the others from matching
+            log.debug("rope matcher failed on %s: %s", n.name, e)
+            continue
         if m is None:
             continue
         # A partial-rotary outer cat also matches its inner rotation: keep the outer one.
@@ -128,19 +136,14 @@ def _rope_then_norm(chain: Chain) -> bool:
 
 
 def _value_source(value: Node, rope_outs: dict) -> tuple:
-    """A written value -> ("k", chain) if it views a rope output, ("v", root) if a projection."""
-    n = value
-    while True:
-        if n in rope_outs:
-            return "k", rope_outs[n]
-        if is_view_node(n):
-            n = view_input(n)
-            continue
-        break
-    root, chain = trace_to_root(value)
-    if chain:
-        return "v", root
-    return None, None
+    """A written value -> ("k", chain, ops) if it comes from a rope output, ("v", root, ops) if
+    from a projection; ops are the views/copies in between, from the source outwards."""
+    n, ops = token_order.walk_back(value, lambda x: x in rope_outs)
+    if n in rope_outs:
+        return "k", rope_outs[n], list(reversed(ops))
+    if ops and is_view_node(ops[-1]):
+        return "v", n, list(reversed(ops))
+    return None, None, None
 
 
 def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
@@ -161,11 +164,11 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
             report.add(Candidate(gid, f"cache write {ip.name}", {"cache": "index_put"},
                                  "rejected", str(e), "cache"))
             continue
-        kind, what = _value_source(w.value, rope_outs)
+        kind, what, ops = _value_source(w.value, rope_outs)
         if kind == "k" and what.cache is None:
-            what.cache = w
+            what.cache, what.cache_ops = w, ops
         elif kind == "v":
-            v_writes.append((w, what))
+            v_writes.append((w, what, ops))
 
     # Pair Q and K: chains that read the same cos/sin; K is the one written to a cache.
     usable = []
@@ -183,10 +186,10 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
     for q, k in pairs:
         fused += _fuse_pair(graph, fake_mode, q, k, v_writes, opts, report, gid)
     if fused:
-        graph.eliminate_dead_code()
         from torch._inductor.pattern_matcher import stable_topological_sort
 
         stable_topological_sort(graph)
+        graph.eliminate_dead_code()
         graph.lint()
     return fused
 
@@ -275,8 +278,11 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
         else:
             try:
                 _cache_guards(k.cache, vw[0], vw[1], k, d)
-            except GuardFailure as e:
-                partial_reason = f"{e.guard}: {e.reason}"
+                _check_orders(k, vw, d)
+            except (GuardFailure, token_order.OrderError, LayoutError) as e:
+                if isinstance(e, GuardFailure):
+                    e = f"{e.guard}: {e.reason}"
+                partial_reason = str(e)
                 vw = None
     elif k.cache is None:
         partial_reason = "no cache write of K"
@@ -299,14 +305,12 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
 
 
 def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
-    for w, root in v_writes:
-        if w.slot_kind == kw.slot_kind and all(a is b for a, b in zip(w.slot_args, kw.slot_args)):
-            if root is k.src.root or _layer_input(root) is _layer_input(k.src.root):
-                return w, root
-    for w, root in v_writes:  # same slots, any projection
-        if w.slot_kind == kw.slot_kind and all(a is b for a, b in zip(w.slot_args, kw.slot_args)):
-            return w, root
-    return None
+    same = [e for e in v_writes if e[0].slot_kind == kw.slot_kind and
+            all(a is b for a, b in zip(e[0].slot_args, kw.slot_args))]
+    for e in same:  # the V of the same layer first
+        if e[1] is k.src.root or _layer_input(e[1]) is _layer_input(k.src.root):
+            return e
+    return same[0] if same else None
 
 
 def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> None:
@@ -328,9 +332,6 @@ def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str
     from kernels import custom_op  # noqa: F401  (registers the ops)
 
     outs_q = q.rope.out
-    if vw is not None:  # validate before touching the graph
-        _check_value_layout(k, k.cache)
-        _check_value_layout_v(vw[0], head_source_for_v(vw[0].value, vw[1], d, fake_mode))
     anchor = _insertion_point(graph, [q.rope.out, k.rope.out] +
                               ([k.cache.index_put, vw[0].index_put] if vw else []))
     b = Builder(graph, fake_mode, anchor)
@@ -344,7 +345,8 @@ def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str
 
 
 def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, outs_q) -> str:
-    providers = [q.src.root, k.src.root, q.rope.x, k.rope.x]
+    # sizes come from views of the projections only: never keep the unfused chain alive
+    providers = [q.src.root, k.src.root, q.src.raw, k.src.raw]
     q_src = b.rows2d(q.src.root)
     k_src = q_src if k.src.root is q.src.root else b.rows2d(k.src.root)
     cos, sin, positions, expanded = _tables(b, q, providers)
@@ -359,8 +361,8 @@ def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, out
         list(k.rope.out.users)
     write_k = bool(k_users)
     if vw is not None:
-        w, v_root = vw
-        v_lay = head_source_for_v(w.value, v_root, d, fake_mode)
+        w, v_root, v_ops = vw
+        v_lay = _v_layout(v_root, v_ops, d)[0]
         v_src = q_src if v_root is q.src.root else (k_src if v_root is k.src.root else
                                                      b.rows2d(v_root))
         head = head[:2] + (v_src,) + head[3:5] + (v_lay.col,) + head[6:]
@@ -436,41 +438,28 @@ def _on_value_path(u: Node, cw: Optional[CacheWrite]) -> bool:
     return False
 
 
-def head_source_for_v(value: Node, root: Node, d: int, fake_mode):
+def _v_layout(root: Node, ops: list, d: int):
+    """Layout (relative to the projection) of the last pure view before any copy."""
     from .layout import head_layout
 
-    return head_layout(tensor_val(value), tensor_val(root), d)
+    views = []
+    for op in ops:
+        if not is_view_node(op):
+            break
+        views.append(op)
+    return head_layout(tensor_val(views[-1]), tensor_val(root), d), ops[len(views):]
 
 
-def _check_value_layout(k: Chain, cw: CacheWrite) -> None:
-    """The written K must be the rope output in [T, H, D] (or HF [B, H, S, D]) token order."""
-    lay = k.src.layout
-    want = (0,) if cw.value_shape_kind == "T,H,D" else (0, 2)
-    n, chain = cw.value, []
-    while n is not k.rope.out:
-        chain.append(n)
-        n = view_input(n)
-    if not chain:
-        if tuple(lay.tok_dims) != want and not (lay.tok_dims == () and want == (0,)):
-            raise ValueError("K is written to the cache in another token order")
-        if lay.head_axis not in (1, None):
-            raise ValueError("K is written to the cache in another head order")
-        return
-    # Through reshapes only, and from a rope output whose dims are already token-major.
-    if any(not is_op(c, aten.reshape.default, aten.view.default) for c in chain):
-        raise ValueError("K reaches the cache through a permutation")
-    ntok = len(lay.tok_dims)
-    if tuple(lay.tok_dims) != tuple(range(ntok)) or lay.head_axis not in (ntok, None) or \
-            want != (0,):
-        raise ValueError("K is written to the cache in another token order")
-
-
-def _check_value_layout_v(w: CacheWrite, lay) -> None:
-    want = (0,) if w.value_shape_kind == "T,H,D" else (0, 2)
-    if tuple(lay.tok_dims) != want and not (lay.tok_dims == () and want == (0,)):
-        raise ValueError("V is written to the cache in another token order")
-    if lay.head_axis not in (1, None):
-        raise ValueError("V is written to the cache in another head order")
+def _check_orders(k: Chain, vw, d: int) -> None:
+    """K and V reach the cache rows in the op's token order (raises OrderError/LayoutError)."""
+    kinds = token_order.apply(token_order.kinds_of(k.src.layout), k.cache_ops)
+    token_order.check_written_order(kinds, k.cache.value_shape_kind, "K")
+    w, root, ops = vw
+    lay, rest = _v_layout(root, ops, d)
+    kinds = token_order.apply(token_order.kinds_of(lay), rest)
+    token_order.check_written_order(kinds, w.value_shape_kind, "V")
+    guards.check("layout", lay.head_stride == d or lay.heads == 1,
+                 f"V heads are {lay.head_stride} columns apart")
 
 
 def _slots(b: Builder, cw: CacheWrite, providers) -> Node:

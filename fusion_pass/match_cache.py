@@ -148,7 +148,9 @@ def match_cache_write(ip: Node) -> CacheWrite:
         raise CacheMatchError("cache already written by a fused op")
     copy_node = _epilogue_copy(base)
     if copy_node is None:
-        raise CacheMatchError("the written cache is not a graph input updated in place")
+        raise CacheMatchError("the written cache is not a graph input updated in place (a "
+                              "training graph returns mutations as outputs: compile under "
+                              "torch.no_grad() or inference_mode)")
     sv, bv = tensor_val(self_n), tensor_val(base)
     if any(not isinstance(s, int) for s in tuple(sv.shape) + tuple(sv.stride())):
         raise CacheMatchError("cache has dynamic shape")

@@ -76,6 +76,8 @@ def last_dim_range(n):
             size = tensor_val(base).shape[-1]
             s = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
             st = n.args[4] if len(n.args) > 4 else 1
+            if not all(isinstance(x, int) for x in (s, st, size)):
+                break
             s = s + size if s < 0 else s
         elif n.op == "call_function" and n.target is operator.getitem and is_op(
                 n.args[0], aten.split.Tensor, aten.split_with_sizes.default):
@@ -83,6 +85,9 @@ def last_dim_range(n):
             base = sp.args[0]
             dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
             if dim not in (-1, _last_dim(base)):
+                break
+            sizes = sp.args[1]
+            if not (isinstance(sizes, int) or all(isinstance(x, int) for x in sizes)):
                 break
             if sp.target is aten.split.Tensor:
                 s, st = sp.args[1] * n.args[1], 1

@@ -21,6 +21,7 @@ from .layout import HeadLayout, LayoutError, head_layout
 class HeadSource:
     root: Node  # the projection [..., W]
     layout: HeadLayout  # of the tensor the rope reads (and writes, same shape)
+    raw: Node  # the view of the projection the chain starts from (a free provider of sizes)
 
 
 def trace_to_root(n: Node) -> tuple:
@@ -73,7 +74,7 @@ def head_source(x_raw: Node, post_ops: list, head_dim: int, fake_mode) -> HeadSo
     v = _replay(xv, post_ops, fake_mode) if post_ops else xv
     if post_ops and not torch._C._is_alias_of(v, xv):
         raise LayoutError("views after the norm copy the tensor")
-    return HeadSource(root, head_layout(v, rv, head_dim))
+    return HeadSource(root, head_layout(v, rv, head_dim), x_raw)
 
 
 def is_projection_like(n: Optional[Node]) -> bool:
