@@ -24,6 +24,7 @@ class Form:
     dtype: torch.dtype = torch.bfloat16
     eps: float = 1e-6
     k_eps: float = None  # a different eps on K (guard test)
+    rope_first: bool = False  # HunYuan: rope, then the per-head norm (not this op)
     B: int = 2
     S: int = 3
     hq: int = 4
@@ -206,7 +207,7 @@ def build(f: Form):
         if f.norm == "olmo2":
             q = _norm("olmo2", q.flatten(-2), None, f.eps).view(q.shape)
             k = _norm("olmo2", k.flatten(-2), None, k_eps).view(k.shape)
-        elif f.norm != "none":
+        elif f.norm != "none" and not f.rope_first:
             q = _norm(f.norm, q, qw, f.eps)
             k = _norm(f.norm, k, kw, k_eps)
         if f.hf:
@@ -227,6 +228,9 @@ def build(f: Form):
             c, s = (c.unsqueeze(1), s.unsqueeze(1)) if f.hf else (c.unsqueeze(-2), s.unsqueeze(-2))
         q = _rotate(f.rope, q, c, s, r)
         k = _rotate(f.rope, k, c, s, r)
+        if f.rope_first:
+            q = _norm(f.norm, q, qw, f.eps)
+            k = _norm(f.norm, k, kw, k_eps)
         # ---- cache write ----
         if f.cache != "none":
             kk, vv = k, v

@@ -30,7 +30,7 @@ class RecordingPass(fusion_pass.FusionPass):
 
 def compile_form(form, *, dynamic=False, mode=None, **options):
     fn, args = build(form)
-    fpass = RecordingPass(allow_cpu=True, **options)
+    fpass = RecordingPass(**{"allow_cpu": True, **options})
     torch._dynamo.reset()
     with torch._inductor.config.patch(post_grad_custom_post_pass=fpass, fx_graph_cache=False):
         compiled = torch.compile(fn, dynamic=dynamic, mode=mode)
@@ -85,7 +85,7 @@ def check_fused(form, *, expect=FUSED_CACHE, dynamic=False, **options):
 def _run(form, args, dynamic, **options):
     """``dynamic``: mark the token dims dynamic, as serving engines do (caches stay static)."""
     fn, _ = build(form)
-    fpass = RecordingPass(allow_cpu=True, **options)
+    fpass = RecordingPass(**{"allow_cpu": True, **options})
     torch._dynamo.reset()
     if dynamic:
         torch._dynamo.mark_dynamic(args[0], 1)  # x_in [B, S, W]: S tokens per sequence

@@ -1,0 +1,104 @@
+"""Guards, negatives, robustness: the pass leaves what it must not fuse alone, and never breaks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusion_pass
+from fusion_pass import attention_prep
+
+from .model_forms import Form
+from .pass_check import check_unfused
+
+
+def _reason(report):
+    return " | ".join(f"{c.guard}: {c.reason}" for c in report.rejected)
+
+
+def test_guard_eps_differs():
+    report = check_unfused(Form(eps=1e-5, k_eps=1e-6))
+    assert "eps differs on Q (1e-05) and K (1e-06)" in _reason(report)
+
+
+def test_guard_device_cpu_without_allow_cpu():
+    report = check_unfused(Form(), allow_cpu=False)
+    assert "device" in _reason(report)
+
+
+def test_guard_head_dim_unsupported():
+    report = check_unfused(Form(d=32, hq=2, hkv=1))
+    assert "head_dim 32 not in" in _reason(report)
+
+
+def test_negative_olmo2_whole_projection_norm():
+    report = check_unfused(Form(norm="olmo2"))
+    assert "OLMo2" in _reason(report)
+
+
+def test_negative_hunyuan_rope_before_norm():
+    report = check_unfused(Form(rope_first=True))
+    assert "HunYuan" in _reason(report) or "rope" in _reason(report)
+
+
+def test_norm_fusion_switched_off():
+    report = check_unfused(Form(), fuse_norm=False)
+    assert "fuse_norm=False" in _reason(report)
+
+
+def test_exception_in_a_matcher_leaves_graph_and_compiles(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("matcher exploded")
+
+    monkeypatch.setattr(attention_prep, "match_cache_write", boom)
+    report = check_unfused(Form())
+    assert any("matcher exploded" in e for e in report.errors)
+
+
+def test_exception_midway_through_rewrite_restores_graph(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("rewrite exploded")
+
+    monkeypatch.setattr(attention_prep, "replace_cache_chain", boom)
+    report = check_unfused(Form())
+    assert any("rewrite exploded" in e for e in report.errors)
+
+
+def test_uuid_is_stable_and_depends_on_options():
+    a, b = fusion_pass.FusionPass(), fusion_pass.FusionPass()
+    assert a.uuid() == b.uuid()
+    assert a.uuid() != fusion_pass.FusionPass(fuse_cache=False).uuid()
+
+
+def test_two_models_and_recompile_on_new_shapes():
+    """One backend, two different models, then a new token count: all fused, all correct."""
+    from .pass_check import assert_numerics
+    from .model_forms import build, clone_args
+
+    be = fusion_pass.make_backend(allow_cpu=True)
+    torch._dynamo.reset()
+    for form in (Form(), Form(split="separate", hf=True, norm="qwen3"), Form(S=5)):
+        fn, args = build(form)
+        before = clone_args(args)
+        out = torch.compile(fn, backend=be)(*args)
+        assert_numerics(fn, args, out, before)
+    assert len(be.report.fused) == 3, str(be.report)
+
+
+def test_fx_graph_cache_hit_in_fresh_process_still_fused(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-m", "tests.fx_cache_script"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["miss"] >= 1 and first["pass_ran"] and first["fused_in_code"]
+    assert first["bypass"] == 0, "the pass made Inductor bypass the FX graph cache"
+    assert second["hit"] >= 1 and not second["pass_ran"], second
+    assert second["fused_in_code"]
+    assert second["max_err_q"] < 0.1 and second["max_err_cache"] < 0.1
