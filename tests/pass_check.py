@@ -82,7 +82,7 @@ def check_fused(form, *, expect=FUSED_CACHE, dynamic=False, **options):
     return report, code
 
 
-def _run(form, args, dynamic, **options):
+def _run(form, args, dynamic, mode=None, **options):
     """``dynamic``: mark the token dims dynamic, as serving engines do (caches stay static)."""
     fn, _ = build(form)
     fpass = RecordingPass(**{"allow_cpu": True, **options})
