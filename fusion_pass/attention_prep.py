@@ -314,7 +314,10 @@ def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
 
 
 def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> None:
-    guards.check("cache", kw.layout == vw.layout and tuple(kw.size) == tuple(vw.size),
+    from .graph_util import same_sym
+
+    guards.check("cache", kw.layout == vw.layout and len(kw.size) == len(vw.size) and
+                 all(same_sym(a, b) for a, b in zip(kw.size, vw.size)),
                  "K and V caches differ in layout or shape")
     guards.check("cache", kw.fp8 == vw.fp8 and kw.kv_cache_dtype == vw.kv_cache_dtype,
                  "K and V caches differ in dtype")
@@ -368,8 +371,8 @@ def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, out
         head = head[:2] + (v_src,) + head[3:5] + (v_lay.col,) + head[6:]
         slots = _slots(b, k.cache, providers)
         kc = dict(base=k.cache.base, size=k.cache.size, stride=k.cache.stride,
-                  offset=k.cache.offset)
-        vc = dict(base=w.base, size=w.size, stride=w.stride, offset=w.offset)
+                  offset=k.cache.offset, alias=k.cache.alias)
+        vc = dict(base=w.base, size=w.size, stride=w.stride, offset=w.offset, alias=w.alias)
         op = torch.ops.fused_qkv.split_norm_rope_cache.default
         args = head + (None, None, slots, k.cache.layout, False, k.cache.kv_cache_dtype,
                        k.cache.scale, w.scale, True, write_k, False, False)

@@ -41,6 +41,7 @@ class CacheWrite:
     scale: Optional[Node]
     full_value_nodes: list  # nodes whose value is the whole new base (to become the getitem)
     copy_node: Node
+    alias: bool = False  # the op can take the graph input itself (no view geometry needed)
 
 
 def _walk_to_base(n: Node) -> tuple:
@@ -152,8 +153,11 @@ def match_cache_write(ip: Node) -> CacheWrite:
                               "training graph returns mutations as outputs: compile under "
                               "torch.no_grad() or inference_mode)")
     sv, bv = tensor_val(self_n), tensor_val(base)
-    if any(not isinstance(s, int) for s in tuple(sv.shape) + tuple(sv.stride())):
-        raise CacheMatchError("cache has dynamic shape")
+    alias = _is_base_itself(self_n, base, sv, bv, indices)
+    if alias is None and any(not isinstance(s, int) for s in tuple(sv.shape) + tuple(sv.stride())):
+        raise CacheMatchError("cache view has dynamic shape")
+    if alias is not None:
+        return _aliased_write(ip, base, bv, alias, indices, values, copy_node)
     rel = sv.storage_offset() - tensor_val(storage_holder).storage_offset()
     if tuple(tensor_val(storage_holder).stride()) != tuple(bv.stride()):
         raise CacheMatchError("cache base is not laid out like the graph input")
@@ -161,12 +165,7 @@ def match_cache_write(ip: Node) -> CacheWrite:
     value, fp8, as_uint8, scale = _strip_value(values)
     if sv.stride(-1) != 1:
         raise CacheMatchError("cache last dim is not contiguous")
-    if as_uint8 and sv.dtype != torch.uint8:
-        raise CacheMatchError("uint8 view written into a non-uint8 cache")
-    if fp8 is not None and not as_uint8 and sv.dtype != fp8:
-        raise CacheMatchError("fp8 value written into a cache of another dtype")
-    if fp8 is None and sv.dtype in FP8_DTYPES + (torch.uint8,):
-        raise CacheMatchError("fp8 cache written without a recognised fp8 conversion")
+    _check_value_dtype(sv, fp8, as_uint8)
     kv_dtype = "auto"
     if as_uint8:
         kv_dtype = "fp8_e4m3" if fp8 == torch.float8_e4m3fn else "fp8_e5m2"
@@ -197,6 +196,61 @@ def match_cache_write(ip: Node) -> CacheWrite:
                           slot_args=(indices[2],), value_shape_kind="B,H,S,D", **common)
     raise CacheMatchError(f"index_put on a {sv.dim()}-D cache with indices "
                           f"{['None' if i is None else 'T' for i in indices]} is not a paged write")
+
+
+def _is_base_itself(self_n, base, sv, bv, indices):
+    """'nhd'/'hnd'/'flat' when the op can be handed the 4-D graph input itself."""
+    if storage_offset_differs(sv, bv) or bv.dim() != 4 or bv.stride(-1) != 1:
+        return None
+    if self_n is base:
+        if len(indices) == 2 and all(i is not None for i in indices):
+            return "nhd"
+        if len(indices) == 3 and indices[1] is None and indices[0] is not None:
+            return "hnd"
+        return None
+    # cache.view(-1, H, D)[slot] on a [nb, bs, H, D] input whose rows are contiguous
+    if sv.dim() == 3 and len(indices) == 1 and indices[0] is not None and \
+            _reaches_by_reshape(self_n, base) and bv.stride(0) == bv.shape[1] * bv.stride(1) and \
+            sv.shape[-2:] == bv.shape[-2:]:
+        return "flat"
+    return None
+
+
+def storage_offset_differs(a, b) -> bool:
+    return a.storage_offset() != b.storage_offset()
+
+
+def _reaches_by_reshape(n, base) -> bool:
+    while is_op(n, aten.reshape.default, aten.view.default):
+        n = n.args[0]
+    return n is base
+
+
+def _aliased_write(ip, base, bv, kind, indices, values, copy_node) -> CacheWrite:
+    value, fp8, as_uint8, scale = _strip_value(values)
+    _check_value_dtype(bv, fp8, as_uint8)
+    kv_dtype = "auto" if not as_uint8 else ("fp8_e4m3" if fp8 == torch.float8_e4m3fn else "fp8_e5m2")
+    layout = LAYOUT_HND if kind == "hnd" else LAYOUT_NHD
+    if kind == "flat":
+        kind_args = ("slot", (indices[0],))
+    else:
+        blk, off = indices[0], indices[-1]
+        bs = bv.shape[1] if layout == LAYOUT_NHD else bv.shape[2]
+        slot = _decode_blk_off(blk, off, bs)
+        kind_args = ("slot", (slot,)) if slot is not None else ("blk_off", (blk, off))
+    return CacheWrite(ip, base, tuple(bv.shape), tuple(bv.stride()), bv.storage_offset(), layout,
+                      kind_args[0], kind_args[1], value, "T,H,D", fp8,
+                      kv_dtype, scale, _full_value_nodes(ip, base, copy_node), copy_node,
+                      alias=True)
+
+
+def _check_value_dtype(cv, fp8, as_uint8) -> None:
+    if as_uint8 and cv.dtype != torch.uint8:
+        raise CacheMatchError("uint8 view written into a non-uint8 cache")
+    if fp8 is not None and not as_uint8 and cv.dtype != fp8:
+        raise CacheMatchError("fp8 value written into a cache of another dtype")
+    if fp8 is None and cv.dtype in FP8_DTYPES + (torch.uint8,):
+        raise CacheMatchError("fp8 cache written without a recognised fp8 conversion")
 
 
 def find_index_puts(graph) -> list:

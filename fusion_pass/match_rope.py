@@ -250,6 +250,8 @@ def _match_halves_gptj(out: Node):
 
 def match_rotated(out: Node):
     """Match the rotated part; returns (x_or_xrot_base, r, c, s, is_neox, form) or None."""
+    while is_cast(out):  # math in float32 (fp32 cos/sin), cast back: the kernel does the same
+        out = out.args[0]
     for fn in (_match_halves_neox, _match_rotate_half, _match_halves_gptj):
         m = fn(out)
         if m is not None:

@@ -115,6 +115,8 @@ def call_fused_with_cache(b: Builder, op, args: tuple, kc: dict, vc: dict) -> tu
         bases.append(vc["base"])
     for name, c in (("key_cache", kc), ("value_cache", vc)):
         kwargs[f"_{name}_base_index"] = bases.index(c["base"])
+        if c.get("alias"):  # the graph input itself: no view to describe (may be dynamic)
+            continue
         kwargs[f"_{name}_size"] = tuple(c["size"])
         kwargs[f"_{name}_stride"] = tuple(c["stride"])
         kwargs[f"_{name}_storage_offset"] = c["offset"]
@@ -135,7 +137,9 @@ def replace_cache_chain(b: Builder, write, new_base: Node) -> None:
     for n in write.full_value_nodes:
         n.replace_all_uses_with(new_base)
     ip = write.index_put
-    if ip.users:
+    if ip.users and ip.args[0] is write.base:
+        ip.replace_all_uses_with(new_base)
+    elif ip.users:
         sv = tensor_val(ip.args[0])
         view = b.call(aten.as_strided.default,
                       (new_base, list(sv.shape), list(sv.stride()), sv.storage_offset()))
