@@ -455,11 +455,12 @@ def _v_layout(root: Node, ops: list, d: int):
 
 def _check_orders(k: Chain, vw, d: int) -> None:
     """K and V reach the cache rows in the op's token order (raises OrderError/LayoutError)."""
-    kinds = token_order.apply(token_order.kinds_of(k.src.layout), k.cache_ops)
+    kinds = token_order.apply(token_order.kinds_of(k.src.layout),
+                              k.cache_ops + k.cache.post_views)
     token_order.check_written_order(kinds, k.cache.value_shape_kind, "K")
     w, root, ops = vw
     lay, rest = _v_layout(root, ops, d)
-    kinds = token_order.apply(token_order.kinds_of(lay), rest)
+    kinds = token_order.apply(token_order.kinds_of(lay), rest + w.post_views)
     token_order.check_written_order(kinds, w.value_shape_kind, "V")
     guards.check("layout", lay.head_stride == d or lay.heads == 1,
                  f"V heads are {lay.head_stride} columns apart")

@@ -42,6 +42,7 @@ class CacheWrite:
     full_value_nodes: list  # nodes whose value is the whole new base (to become the getitem)
     copy_node: Node
     alias: bool = False  # the op can take the graph input itself (no view geometry needed)
+    post_views: list = dataclasses.field(default_factory=list)  # views after an fp8 cast
 
 
 def _walk_to_base(n: Node) -> tuple:
@@ -107,7 +108,17 @@ def _reaches(n, target, limit=8) -> bool:
 
 
 def _strip_value(v: Node) -> tuple:
-    """Peel fp8 conversion off a written value: (value, fp8 dtype, uint8?, scale)."""
+    """Peel fp8 conversion off a written value: (value, fp8 dtype, uint8?, scale).
+
+    Views between the conversion and the write (index_put broadcasts a T=1 value [H, D]) are
+    kept in ``post_views`` (innermost first) so the token-order check can follow them.
+    """
+    top = v
+    post = []
+    while is_op(v, aten.reshape.default, aten.view.default, aten.unsqueeze.default,
+                aten.squeeze.dim):
+        post.append(v)
+        v = v.args[0]
     fp8, as_uint8, scale = None, False, None
     if is_op(v, aten.view.dtype) and v.args[1] == torch.uint8:
         as_uint8, v = True, v.args[0]
@@ -119,7 +130,9 @@ def _strip_value(v: Node) -> tuple:
                 sv = tensor_val(v.args[1])
                 if sv is not None and sv.numel() == 1 and sv.dtype == torch.float32:
                     scale, v = v.args[1], v.args[0]
-    return v, fp8, as_uint8, scale
+    if fp8 is None:  # nothing to peel: the views stay part of the value path
+        return top, None, False, None, []
+    return v, fp8, as_uint8, scale, list(reversed(post))
 
 
 def _decode_blk_off(blk, off, bs) -> Optional[Node]:
@@ -162,14 +175,14 @@ def match_cache_write(ip: Node) -> CacheWrite:
     if tuple(tensor_val(storage_holder).stride()) != tuple(bv.stride()):
         raise CacheMatchError("cache base is not laid out like the graph input")
     offset = bv.storage_offset() + rel
-    value, fp8, as_uint8, scale = _strip_value(values)
+    value, fp8, as_uint8, scale, post = _strip_value(values)
     if sv.stride(-1) != 1:
         raise CacheMatchError("cache last dim is not contiguous")
     _check_value_dtype(sv, fp8, as_uint8)
     kv_dtype = "auto"
     if as_uint8:
         kv_dtype = "fp8_e4m3" if fp8 == torch.float8_e4m3fn else "fp8_e5m2"
-    common = dict(index_put=ip, base=base, offset=offset, value=value, fp8=fp8,
+    common = dict(index_put=ip, base=base, offset=offset, value=value, fp8=fp8, post_views=post,
                   kv_cache_dtype=kv_dtype, scale=scale, copy_node=copy_node,
                   full_value_nodes=_full_value_nodes(ip, base, copy_node))
     shape, stride = tuple(sv.shape), tuple(sv.stride())
@@ -227,7 +240,7 @@ def _reaches_by_reshape(n, base) -> bool:
 
 
 def _aliased_write(ip, base, bv, kind, indices, values, copy_node) -> CacheWrite:
-    value, fp8, as_uint8, scale = _strip_value(values)
+    value, fp8, as_uint8, scale, post = _strip_value(values)
     _check_value_dtype(bv, fp8, as_uint8)
     kv_dtype = "auto" if not as_uint8 else ("fp8_e4m3" if fp8 == torch.float8_e4m3fn else "fp8_e5m2")
     layout = LAYOUT_HND if kind == "hnd" else LAYOUT_NHD
@@ -241,7 +254,7 @@ def _aliased_write(ip, base, bv, kind, indices, values, copy_node) -> CacheWrite
     return CacheWrite(ip, base, tuple(bv.shape), tuple(bv.stride()), bv.storage_offset(), layout,
                       kind_args[0], kind_args[1], value, "T,H,D", fp8,
                       kv_dtype, scale, _full_value_nodes(ip, base, copy_node), copy_node,
-                      alias=True)
+                      alias=True, post_views=post)
 
 
 def _check_value_dtype(cv, fp8, as_uint8) -> None:

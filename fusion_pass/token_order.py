@@ -108,10 +108,13 @@ def head_axis(kinds: list):
 def check_written_order(kinds: list, value_shape_kind: str, what: str) -> None:
     """The written value must be [T, H, D] (or HF [B, H, S, D]) in projection-row order."""
     want = (0,) if value_shape_kind == "T,H,D" else (0, 2)
-    toks = token_dims(kinds)
-    if toks != want and not (toks == () and want == (0,)):
+    # index_put broadcasts a value of lower rank (T=1: [H, D] written to [1, H, D])
+    shift = (3 if value_shape_kind == "T,H,D" else 4) - len(kinds)
+    toks = tuple(t + shift for t in token_dims(kinds))
+    if shift < 0 or (toks != want and not (toks == () and want == (0,))):
         raise OrderError(f"{what} is written to the cache in another token order")
-    if head_axis(kinds) not in (1, None):
+    ha = head_axis(kinds)
+    if ha is not None and ha + shift != 1:
         raise OrderError(f"{what} is written to the cache in another head order")
 
 
