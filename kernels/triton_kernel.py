@@ -2,14 +2,14 @@
 
 One launch does everything.  The grid is ``(token tiles, head tiles)`` where the head tiles
 enumerate, in order, the Q heads, the K heads, the V heads and the gate heads; a program
-handles ``BLOCK_T * BLOCK_H`` (token, head) rows of one region.
+handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one region.
 
 Why this shape: the op is purely memory-bound, each byte is read once and written once or
 twice, and every (token, head) row is independent except for the norm's reduction over D,
-which stays inside one row of the tile.  RoPE pairs elements; each row's rotated part is
-loaded as a ``[R/2, 2]`` tile whose two columns are the pair partners (NeoX ``(j, j + R/2)``,
-GPT-J ``(2j, 2j + 1)``), split, rotated and joined back: every load and store is contiguous
-and vectorises, for any head dim, partial rotary and both styles with one code path.
+which stays inside one row of the tile.  RoPE needs each element's rotation partner; instead
+of shuffling registers we load the partner a second time (same cache line, an L1 hit) and
+normalise it with the same per-row factor, which works for any head dim, partial rotary and
+both rotary styles with one code path.
 """
 from __future__ import annotations
 
@@ -46,104 +46,71 @@ def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: t
 
 
 @triton.jit
-def _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
-                SKIP_NEG: tl.constexpr):
-    """Element offset of each (token, head) row in the cache, and whether it is written."""
+def _store_cache(cache, scale_ptr, t, h, d, mask, val, slot_ptr, block_size, num_slots,
+                 s_blk, s_slot, s_head,
+                 SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 FP8_MAX: tl.constexpr, INTERP: tl.constexpr):
+    rmask = tl.max(mask.to(tl.int32), 1) > 0
     slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
     if not SKIP_NEG:
         # Indexing mode: a negative slot counts from the end, as cache.view(-1,H,D)[slot].
         slot = tl.where(slot < 0, slot + num_slots, slot)
-    ok = rmask & (slot >= 0) & (slot < num_slots)
+    ok = (slot >= 0) & (slot < num_slots)
     blk = slot // block_size
     off = slot % block_size
-    return blk * s_blk + off * s_slot + h.to(tl.int64) * s_head, ok
-
-
-@triton.jit
-def _to_cache(val, scale_ptr, dtype: tl.constexpr, IS_FP8: tl.constexpr,
-              HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr, INTERP: tl.constexpr):
-    """fp32 -> cache dtype; fp8: divide by the scale and saturate to the finite range first."""
+    row = blk * s_blk + off * s_slot + h.to(tl.int64) * s_head
     if IS_FP8:
         if HAS_SCALE:
             val = val / tl.load(scale_ptr).to(tl.float32)
         val = tl.minimum(tl.maximum(val, -FP8_MAX), FP8_MAX)
-    return _cast(val, dtype, INTERP)
+    tl.store(cache + row[:, None] + d[None, :], _cast(val, cache.dtype.element_ty, INTERP),
+             mask=mask & ok[:, None])
 
 
 @triton.jit
-def _rot_offsets(R: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_R2: tl.constexpr):
-    """Rotary pairs as a [BLOCK_R2, 2] tile: element (j, 0) pairs with (j, 1).
-
-    NeoX pairs (j, j + R/2), GPT-J (2j, 2j + 1).  Both are contiguous along j (or j and e), so
-    loads vectorise; no second 'partner' load and no shuffles are needed."""
-    j = tl.arange(0, BLOCK_R2)
-    e = tl.arange(0, 2)
-    if IS_NEOX:
-        off = j[:, None] + e[None, :] * (R // 2)
-    else:
-        off = j[:, None] * 2 + e[None, :]
-    return off, (j < R // 2)[:, None] & (e < 2)[None, :]
-
-
-@triton.jit
-def _norm_rope(src, src_stride, col, t, rmask, w_ptr, eps, w_off,
+def _norm_rope(src, src_stride, col, t, d, mask, w_ptr, eps, w_off,
                cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
                D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
-               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr,
-               BLOCK_R2: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Rows of one region -> (rotated part [ROWS, BLOCK_R2, 2], pass-through part [ROWS, BLOCK_P])."""
-    roff, rm = _rot_offsets(R, IS_NEOX, BLOCK_R2)
-    base = src + t * src_stride + col
-    m3 = rmask[:, None, None] & rm[None, :, :]
-    x = tl.load(base[:, None, None] + roff[None, :, :], mask=m3, other=0.0).to(tl.float32)
-    p = tl.arange(0, BLOCK_P)
-    pm = p < D - R
-    m2 = rmask[:, None] & pm[None, :]
-    HAS_PASS: tl.constexpr = D > R
-    if HAS_PASS:
-        xp = tl.load(base[:, None] + R + p[None, :], mask=m2, other=0.0).to(tl.float32)
+               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr):
+    base = src + t[:, None] * src_stride + col[:, None]
+    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rot = d < R
+    HALF: tl.constexpr = R // 2
+    if IS_NEOX:
+        pd = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        pair = tl.where(d < HALF, d, d - HALF)
     else:
-        xp = tl.zeros([x.shape[0], BLOCK_P], tl.float32)
+        pd = d ^ 1
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        pair = d // 2
+    pd = tl.where(rot, pd, d)
+    pmask = mask & rot[None, :]
+    xp = tl.load(base + pd[None, :], mask=pmask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        ss = tl.sum(tl.sum(x * x, axis=2), axis=1) + tl.sum(xp * xp, axis=1)
-        rstd = tl.rsqrt(ss / D + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         if HAS_W:
-            w = tl.load(w_ptr + roff, mask=rm, other=0.0).to(tl.float32) + w_off
-            x = x * rstd[:, None, None] * w[None, :, :]
-            if HAS_PASS:
-                wp = tl.load(w_ptr + R + p, mask=pm, other=0.0).to(tl.float32) + w_off
-                xp = xp * rstd[:, None] * wp[None, :]
+            w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32) + w_off
+            wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
         else:
-            x = x * (rstd * (1.0 + w_off))[:, None, None]
-            xp = xp * (rstd * (1.0 + w_off))[:, None]
+            w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
+            wp = w
+        x = x * rstd[:, None] * w[None, :]
+        xp = xp * rstd[:, None] * wp[None, :]
+    rmask = tl.max(mask.to(tl.int32), 1) > 0
     if HAS_POS:
         row = tl.load(pos_ptr + t, mask=rmask, other=0).to(tl.int64)
         row = tl.where(row < 0, row + table_rows, row)
     else:
         row = t
-    x_e, x_o = tl.split(x)
-    if EXPANDED:  # one cos/sin per element: each output reads its own entry
-        c = tl.load(cos_ptr + row[:, None, None] * cos_stride + roff[None, :, :], mask=m3, other=1.0)
-        sn = tl.load(sin_ptr + row[:, None, None] * sin_stride + roff[None, :, :], mask=m3, other=0.0)
-        c_e, c_o = tl.split(c.to(tl.float32))
-        s_e, s_o = tl.split(sn.to(tl.float32))
-    else:  # one cos/sin per pair
-        j = tl.arange(0, BLOCK_R2)
-        cm = rmask[:, None] & (j < R // 2)[None, :]
-        c_e = tl.load(cos_ptr + row[:, None] * cos_stride + j[None, :], mask=cm, other=1.0)
-        s_e = tl.load(sin_ptr + row[:, None] * sin_stride + j[None, :], mask=cm, other=0.0)
-        c_e, s_e = c_e.to(tl.float32), s_e.to(tl.float32)
-        c_o, s_o = c_e, s_e
-    out = tl.join(x_e * c_e - x_o * s_e, x_o * c_o + x_e * s_o)
-    return out, xp, roff, m3, p, m2
-
-
-@triton.jit
-def _store_head(dst, row_off, out, xp, roff, m3, p, m2, ok, D: tl.constexpr, R: tl.constexpr):
-    """Store the rotated and pass-through parts of rows starting at ``dst + row_off``."""
-    tl.store(dst + row_off[:, None, None] + roff[None, :, :], out, mask=m3 & ok[:, None, None])
-    if D > R:
-        tl.store(dst + row_off[:, None] + R + p[None, :], xp, mask=m2 & ok[:, None])
+    if EXPANDED:
+        ci = d
+    else:
+        ci = pair
+    cmask = rmask[:, None] & rot[None, :]
+    c = tl.load(cos_ptr + row[:, None] * cos_stride + ci[None, :], mask=cmask, other=1.0)
+    s = tl.load(sin_ptr + row[:, None] * sin_stride + ci[None, :], mask=cmask, other=0.0)
+    return x * c.to(tl.float32) + sign[None, :] * xp * s.to(tl.float32)
 
 
 @triton.jit
@@ -162,65 +129,56 @@ def fused_qkv_kernel(
     HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
     WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R2: tl.constexpr, BLOCK_P: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
-    # Column stride between consecutive Q heads (an interleaved gate sits between them).
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # Column stride between consecutive Q heads, and where the gate of a head starts.
     Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
     if pid_h < NQB:
         t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
-        out, xp, roff, m3, p, m2 = _norm_rope(
-            q_src, q_src_stride, q_col + h * Q_HSTRIDE, t, rmask, q_w, eps, w_off,
-            cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-            D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED, HAS_POS, BLOCK_R2, BLOCK_P)
-        dt = q_out.dtype.element_ty
-        _store_head(q_out, (t * HQ + h) * D, _cast(out, dt, INTERP), _cast(xp, dt, INTERP),
-                    roff, m3, p, m2, rmask, D, R)
+        mask = rmask[:, None] & dmask[None, :]
+        y = _norm_rope(q_src, q_src_stride, q_col + h * Q_HSTRIDE, t, d, mask, q_w, eps, w_off,
+                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+                       D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED, HAS_POS)
+        dst = q_out + (t * HQ + h)[:, None] * D + d[None, :]
+        tl.store(dst, _cast(y, q_out.dtype.element_ty, INTERP), mask=mask)
     elif pid_h < NQB + NKB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
-        out, xp, roff, m3, p, m2 = _norm_rope(
-            k_src, k_src_stride, k_col + h * D, t, rmask, k_w, eps, w_off,
-            cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-            D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED, HAS_POS, BLOCK_R2, BLOCK_P)
+        mask = rmask[:, None] & dmask[None, :]
+        y = _norm_rope(k_src, k_src_stride, k_col + h * D, t, d, mask, k_w, eps, w_off,
+                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+                       D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED, HAS_POS)
         if WRITE_K:
-            dt = k_out.dtype.element_ty
-            _store_head(k_out, (t * HKV + h) * D, _cast(out, dt, INTERP), _cast(xp, dt, INTERP),
-                        roff, m3, p, m2, rmask, D, R)
+            dst = k_out + (t * HKV + h)[:, None] * D + d[None, :]
+            tl.store(dst, _cast(y, k_out.dtype.element_ty, INTERP), mask=mask)
         if HAS_CACHE:
-            row, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                  kc_blk, kc_slot, kc_head, SKIP_NEG)
-            cdt = k_cache.dtype.element_ty
-            _store_head(k_cache, row,
-                        _to_cache(out, k_scale, cdt, IS_FP8, HAS_KS, FP8_MAX, INTERP),
-                        _to_cache(xp, k_scale, cdt, IS_FP8, HAS_KS, FP8_MAX, INTERP),
-                        roff, m3, p, m2, ok, D, R)
+            _store_cache(k_cache, k_scale, t, h, d, mask, y, slot_ptr, block_size, num_slots,
+                         kc_blk, kc_slot, kc_head, SKIP_NEG, IS_FP8, HAS_KS, FP8_MAX, INTERP)
     elif pid_h < NQB + NKB + NVB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        mask = rmask[:, None] & (d < D)[None, :]
-        x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=mask,
-                    other=0.0)
+        mask = rmask[:, None] & dmask[None, :]
+        src = v_src + t[:, None] * v_src_stride + (v_col + h * D)[:, None] + d[None, :]
+        x = tl.load(src, mask=mask, other=0.0)
         if WRITE_V:
-            tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=mask)
+            dst = v_out + (t * HKV + h)[:, None] * D + d[None, :]
+            tl.store(dst, x, mask=mask)
         if HAS_CACHE:
-            row, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                  vc_blk, vc_slot, vc_head, SKIP_NEG)
-            val = _to_cache(x.to(tl.float32), v_scale, v_cache.dtype.element_ty, IS_FP8, HAS_VS,
-                            FP8_MAX, INTERP)
-            tl.store(v_cache + row[:, None] + d[None, :], val, mask=mask & ok[:, None])
+            _store_cache(v_cache, v_scale, t, h, d, mask, x.to(tl.float32), slot_ptr, block_size,
+                         num_slots, vc_blk, vc_slot, vc_head, SKIP_NEG, IS_FP8, HAS_VS, FP8_MAX,
+                         INTERP)
     else:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
                                  BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        mask = rmask[:, None] & (d < D)[None, :]
+        mask = rmask[:, None] & dmask[None, :]
         if GATE == 1:
             gcol = q_col + h * (2 * D) + D
         else:
             gcol = q_col + HQ * D + h * D
-        x = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=mask)
-        tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], x, mask=mask)
+        x = tl.load(q_src + t[:, None] * q_src_stride + gcol[:, None] + d[None, :], mask=mask)
+        tl.store(g_out + (t * HQ + h)[:, None] * D + d[None, :], x, mask=mask)
 
 
 def _pick_blocks(num_tokens: int, head_dim: int, max_heads: int) -> tuple[int, int, int, int]:
@@ -300,8 +258,6 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
         NQB=nqb, NKB=nkb, NVB=nvb,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-        BLOCK_R2=triton.next_power_of_2(rotary_dim // 2),
-        BLOCK_P=triton.next_power_of_2(max(d - rotary_dim, 1)),
         INTERP=q_src.device.type == "cpu",
     )
     return q_out, k_out, v_out, g_out
