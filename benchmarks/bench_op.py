@@ -153,6 +153,9 @@ def main():
     torch.manual_seed(0)
     # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.
     torch._dynamo.config.recompile_limit = 1024
+    # Cache hits across implementations would hand the stock graph to the "+pass" column.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.accumulated_recompile_limit = 4096
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
@@ -166,6 +169,7 @@ def main():
     print(hdr)
     for name in args.shapes.split(","):
         for hnd in layouts:
+            torch._dynamo.reset()
             # Token dims dynamic (maybe_mark_dynamic in make_inputs), caches static: as engines do.
             comp = torch.compile(unfused)
             with_pass = torch.compile(unfused, backend=fusion_pass.make_backend())

@@ -482,8 +482,12 @@ def _slots(b: Builder, cw: CacheWrite, providers) -> Node:
     nb, length = cw.size[0], cw.size[2]
     pos = _wrap_negative(b, b.flat1d(pos), length)
     pv = tensor_val(pos)
-    starts = b.call(aten.mul.Tensor, (b.call(aten.arange.start_step, (0, nb, 1),
-                                             {"dtype": pv.dtype, "device": pv.device}), length))
+    # prims.iota, not aten.arange: post-grad graphs are already decomposed (Inductor on CUDA
+    # refuses an arange node there).
+    iota = b.call(torch.ops.prims.iota.default, (nb,),
+                  {"start": 0, "step": 1, "dtype": pv.dtype, "device": pv.device,
+                   "requires_grad": False})
+    starts = b.call(aten.mul.Tensor, (iota, length))
     grid = b.call(aten.add.Tensor, (b.call(aten.unsqueeze.default, (starts, 1)),
                                     b.call(aten.unsqueeze.default, (pos, 0))))
     return b.call(aten.reshape.default, (grid, [-1]))

@@ -17,7 +17,7 @@ GPU_FORMS = [
     dict(rope="gptj", rotary=0.5, norm="none", cache="hnd"),
     dict(cache="kv_halves", d=128, hq=8, hkv=2),
     dict(dtype=torch.float16, cache="nhd"),
-    dict(dtype=torch.float32, norm="nn"),
+    dict(dtype=torch.float32, norm="qwen3"),
 ]
 
 
