@@ -1,0 +1,44 @@
+"""Plot fraction of the HBM floor vs T for each implementation, one panel per model shape.
+
+    python benchmarks/plot.py benchmarks/results/<run>.csv benchmarks/results/<run>.png
+"""
+import csv
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+IMPLS = [("eager_us", "eager PyTorch"), ("compile_us", "torch.compile (view write)"),
+         ("c+opaque_us", "torch.compile (opaque cache op)"), ("fused_us", "fused op"),
+         ("pass_us", "torch.compile + fusion_pass")]
+
+
+def main(src: str, dst: str) -> None:
+    rows = list(csv.DictReader(open(src)))
+    by_shape = defaultdict(list)
+    for r in rows:
+        by_shape[(r["shape"], r["layout"])].append(r)
+    fig, axes = plt.subplots(1, len(by_shape), figsize=(5 * len(by_shape), 4), squeeze=False)
+    for ax, ((shape, layout), rs) in zip(axes[0], sorted(by_shape.items())):
+        rs.sort(key=lambda r: int(r["T"]))
+        ts = [int(r["T"]) for r in rs]
+        for key, label in IMPLS:
+            ys = [float(r["floor_us"]) / float(r[key]) for r in rs]
+            ax.plot(ts, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("floor time / measured time (1 = HBM floor)")
+        ax.set_title(f"{shape} {layout}")
+        ax.axhline(0.85, color="gray", ls="--", lw=0.8)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
