@@ -31,6 +31,7 @@ class Form:
     hkv: int = 2
     d: int = 64
     return_k: bool = False
+    negative_slot: bool = False  # one slot is -1: indexing counts it from the end
     device: str = "cpu"
 
     @property
@@ -163,7 +164,9 @@ def build(f: Form):
         caches = [rnd(f.B, hkv, 16, d, scale=50).to(cache_dt) for _ in range(2)]
     else:
         caches = [rnd(nb, bs, hkv, d, scale=50).to(cache_dt) for _ in range(2)]
-    slots = torch.randperm(nb * bs, generator=g)[: f.T].to(dev)
+    slots = torch.randperm(nb * bs - 1, generator=g)[: f.T].to(dev)  # row n-1 kept free
+    if f.negative_slot:
+        slots[1] = -1  # PyTorch indexing writes it to the last row; the rewrite must too
     cache_pos = torch.randperm(16, generator=g)[: f.S].to(dev)
     k_scale = torch.tensor(0.5, device=dev)
     v_scale = torch.tensor(2.0, device=dev)

@@ -111,3 +111,9 @@ def test_no_norm_fuses_rope_and_cache():
 def test_cache_fusion_switched_off():
     report, code = check_fused(Form(), expect=FUSED_NOCACHE, fuse_cache=False)
     assert "turned off" in report.fused[0].reason
+
+
+@pytest.mark.parametrize("cache", ["view", "index_put", "nhd", "hnd", "kv_halves"])
+def test_negative_slot_keeps_indexing_semantics(cache):
+    """A replaced indexing write keeps PyTorch's meaning of slot -1: the last row."""
+    check_fused(Form(cache=cache, negative_slot=True))
