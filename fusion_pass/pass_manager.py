@@ -36,9 +36,23 @@ class FusionPass(CustomGraphPass):
     """Post-grad pass fusing QKV split + per-head RMSNorm + RoPE + paged KV-cache write.
 
     Use as ``torch.compile(m, options={"post_grad_custom_post_pass": FusionPass()})`` or via
-    :func:`fusion_pass.make_backend`.  ``self.report`` accumulates what every compiled graph
-    showed.  Inductor's FX graph cache stays on: ``uuid()`` hashes the options and the pass's
-    sources; on a cache hit the pass does not run (the cached code is already fused).
+    :func:`fusion_pass.make_backend`.
+
+    Args:
+        options: a :class:`~fusion_pass.FusionOptions`; or give its fields as keywords
+            (``FusionPass(allow_cpu=True, fuse_cache=False)``).
+
+    Attributes:
+        options: the :class:`~fusion_pass.FusionOptions` in use.
+        report: a :class:`~fusion_pass.Report` accumulating what every compiled graph showed
+            (each candidate chain, what was fused, why the rest was not).
+
+    Calling it on a post-grad ``torch.fx.Graph`` rewrites the graph in place; it never raises
+    (an exception is logged, recorded in ``report.errors``, and the graph is restored).  Logs
+    go to the ``fusion_pass`` logger: one INFO line per graph, one DEBUG line per candidate.
+    Inductor's FX graph cache stays on: ``uuid()`` hashes the options and the pass's sources;
+    on a cache hit the pass does not run (the cached code is already fused), so nothing is
+    reported: use :func:`fusion_pass.explain` to see the report.
     """
 
     def __init__(self, options: Optional[FusionOptions] = None, **kwargs):
@@ -50,7 +64,9 @@ class FusionPass(CustomGraphPass):
         try:
             before = _snapshot(graph)
             n = attention_prep.run(graph, self.options, self.report)
-            log.info("%s (this graph: %d fused op call(s))", self.report.summary(), n)
+            # One INFO line per compiled graph, with this graph's counts.
+            log.info("%s; %d fused op call(s) inserted", self.report.summary(
+                graph=self.report.graphs - 1), n)
         except Exception as e:  # never break a compile: restore the graph, log, go on
             self.report.errors.append(f"{type(e).__name__}: {e}")
             log.warning("fusion_pass failed on a graph, left unfused: %s: %s",
