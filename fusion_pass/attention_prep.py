@@ -422,8 +422,8 @@ def _tables(b: Builder, q: Chain, providers) -> tuple:
         return cos, sin, pos, cs.expanded
     if cs.gathered is None or ss.gathered is None:
         raise ValueError("cos and sin come in different forms")
-    cos = b.per_token(cs.gathered, q.rope.x, q.src.layout, providers)
-    sin = b.per_token(ss.gathered, q.rope.x, q.src.layout, providers)
+    cos = b.per_token(cs.gathered, q.rope.x, q.src.layout, providers, cs.unsqueeze)
+    sin = b.per_token(ss.gathered, q.rope.x, q.src.layout, providers, ss.unsqueeze)
     return cos, sin, None, cs.expanded
 
 

@@ -30,7 +30,9 @@ class CosSource:
 
     ``table``: a 2-D node ``[rows, C]`` (or a 2-D view of one); with ``positions`` the row of
     token t is ``positions[t]``; ``col``: first column used.  Without ``positions`` the
-    ``gathered`` node (any shape, broadcastable to the head tensor) holds per-token values.
+    ``gathered`` node holds per-token values; ``gathered.unsqueeze(d)`` for each ``d`` of
+    ``unsqueeze`` (in order) broadcasts them against the head tensor, as the code did (Hugging
+    Face: ``cos[B, S, D].unsqueeze(1)`` against ``q[B, H, S, D]``).
     ``expanded``: one value per rotary element (width r) instead of one per pair (r/2).
     """
 
@@ -39,9 +41,10 @@ class CosSource:
     col: int = 0
     positions: Optional[Node] = None
     gathered: Optional[Node] = None
+    unsqueeze: tuple = ()
 
     def key(self):
-        return (self.table, self.positions, self.gathered, self.expanded)
+        return (self.table, self.positions, self.gathered, self.expanded, self.unsqueeze)
 
 
 @dataclasses.dataclass
@@ -291,10 +294,15 @@ def _with_tables(out, x, r, neox, c, s, form) -> Optional[RopeMatch]:
 
 
 # ---------------------------------------------------------------- cos / sin sources
-def _strip_broadcast(n):
-    """Skip unsqueeze and dtype casts of a cos/sin operand (the kernel reads in fp32)."""
+def _strip_broadcast(n, unsqueezed: Optional[list] = None):
+    """Skip unsqueeze and dtype casts of a cos/sin operand (the kernel reads in fp32).
+
+    ``unsqueezed``, when given, collects the dims of the skipped unsqueezes, outermost first.
+    """
     while is_op(n, aten.unsqueeze.default, prims.convert_element_type.default,
                 aten._to_copy.default, aten.alias.default):
+        if unsqueezed is not None and is_op(n, aten.unsqueeze.default):
+            unsqueezed.append(n.args[1])
         n = n.args[0]
     return n
 
@@ -326,21 +334,23 @@ def match_cos_sin(n, r: int, neox: bool) -> Optional[CosSource]:
     if v is None or not v.is_floating_point():
         return None
     width = v.shape[-1]
-    base = _strip_broadcast(n)
+    unsqueezed = []  # outermost first; a repeat keeps the rank, so inner ones follow
+    base = _strip_broadcast(n, unsqueezed)
     if width == r:
         front = _unrepeat(base, r, neox)
         if front is None:
-            return _table_source(base, r, expanded=True)
-        base, expanded = _strip_broadcast(front), False
+            return _table_source(base, r, True, unsqueezed)
+        base, expanded = _strip_broadcast(front, unsqueezed), False
     elif width == r // 2:
         expanded = False
     else:
         return None
-    return _table_source(base, r, expanded)
+    return _table_source(base, r, expanded, unsqueezed)
 
 
-def _table_source(n: Node, r: int, expanded: bool) -> CosSource:
-    """Decode ``table[positions]`` (and its column slice/split); else per-token values."""
+def _table_source(n: Node, r: int, expanded: bool, unsqueezed: list) -> CosSource:
+    """Decode ``table[positions]`` (and its column slice/split); else per-token values, with
+    the stripped unsqueezes kept to broadcast them (``unsqueezed``: outermost first)."""
     width = r if expanded else r // 2
     rng = last_dim_range(n)
     col = 0
@@ -356,4 +366,4 @@ def _table_source(n: Node, r: int, expanded: bool) -> CosSource:
         table, pos = inner.args[0], inner.args[1]
         if tensor_val(table) is not None and tensor_val(table).dim() == 2:
             return CosSource(expanded, table=table, col=col, positions=pos)
-    return CosSource(expanded, gathered=n)
+    return CosSource(expanded, gathered=n, unsqueeze=tuple(reversed(unsqueezed)))

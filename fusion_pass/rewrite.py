@@ -53,11 +53,17 @@ class Builder:
             return table
         return self.call(aten.slice.Tensor, (table, 1, col, col + width))
 
-    def per_token(self, g: Node, x: Node, lay: HeadLayout, providers) -> Node:
-        """Per-token values broadcast against head tensor ``x`` -> [T, C] in token order."""
+    def per_token(self, g: Node, x: Node, lay: HeadLayout, providers, unsqueeze=()) -> Node:
+        """Per-token values broadcast against head tensor ``x`` -> [T, C] in token order.
+
+        ``unsqueeze``: dims to unsqueeze ``g`` at first (in order), as the code did before
+        multiplying (Hugging Face ``cos.unsqueeze(1)``); then leading dims as broadcasting.
+        """
         gv, xv = tensor_val(g), tensor_val(x)
         nd = xv.dim()
         cur = g
+        for dim in unsqueeze:
+            cur = self.call(aten.unsqueeze.default, (cur, dim))
         while tensor_val(cur).dim() < nd:
             cur = self.call(aten.unsqueeze.default, (cur, 0))
         cv = tensor_val(cur)

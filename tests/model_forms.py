@@ -18,7 +18,8 @@ class Form:
     norm: str = "rms_norm"  # rms_norm, nn, qwen3, gemma, none
     rope: str = "neox_halves"  # neox_halves, rotate_half, gptj, gptj_halves
     rotary: float = 1.0  # fraction of head_dim rotated
-    table: str = "cos_sin_cache"  # cos_sin_cache, separate, gathered (HF cos/sin [B, S, D])
+    table: str = "cos_sin_cache"  # cos_sin_cache, separate, gathered (HF cos/sin [B, S, D]),
+    #                               computed (HF rotary: cos/sin of angles computed from positions)
     cache: str = "view"  # view, index_put, index_copy, nhd, hnd, kv_halves, static, fp8, none
     hf: bool = False  # Hugging Face layout: [B, S] tokens, q transposed to [B, H, S, D]
     dtype: torch.dtype = torch.bfloat16
@@ -216,7 +217,12 @@ def build(f: Form):
         if f.hf:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # ---- rope tables ----
-        if f.table == "gathered":
+        if f.table == "computed":  # HF rotary: no table, angles from positions in the graph
+            inv = 1.0 / 10000 ** (torch.arange(0, r, 2, dtype=torch.float32, device=pos.device) / r)
+            ang = _expand_for(f.rope, pos.to(torch.float32)[..., None] * inv)  # cat(fr, fr)
+            c, s = ang.cos().to(q.dtype), ang.sin().to(q.dtype)  # [B, S, r]
+            c, s = (c.unsqueeze(1), s.unsqueeze(1)) if f.hf else (c.reshape(B * S, 1, -1), s.reshape(B * S, 1, -1))
+        elif f.table == "gathered":
             c, s = cos_sin[pos].chunk(2, -1)  # [B, S, r/2], computed per token like HF
             c, s = _expand_for(f.rope, c).to(q.dtype), _expand_for(f.rope, s).to(q.dtype)
             c, s = (c.unsqueeze(1), s.unsqueeze(1)) if f.hf else (c.reshape(B * S, 1, -1), s.reshape(B * S, 1, -1))

@@ -70,6 +70,17 @@ def test_hf_rope_cos_sin_per_token_unsqueeze():
                      norm="qwen3"))
 
 
+@pytest.mark.parametrize("rope", ["rotate_half", "gptj"])
+@pytest.mark.parametrize("cache", ["view", "static"])
+def test_hf_rope_computed_in_graph_unsqueeze(rope, cache):
+    """Hugging Face's rotary embedding: cos/sin [B, S, r] computed from positions in the graph
+    (no table to index), ``unsqueeze(1)`` against q [B, H, S, D]: the op reads them per token,
+    broadcast the way the code did (not along the heads)."""
+    report, _ = check_fused(Form(split="separate", hf=True, table="computed", rope=rope,
+                                 norm="qwen3", cache=cache))
+    assert "per-token" in report.fused[0].forms["rope"]
+
+
 @pytest.mark.parametrize("cache", CACHE)
 def test_cache_forms(cache):
     report, _ = check_fused(Form(cache=cache))
