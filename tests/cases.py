@@ -90,7 +90,7 @@ def _cache_tensor(c: Case, device) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def _slots(c: Case, device) -> torch.Tensor:
     n = c.num_blocks * c.block_size
-    assert c.T <= n + 2, "case needs more cache slots"
+    assert c.T <= n, "case needs more cache slots (randperm(n)[:T] gives at most n)"
     perm = torch.randperm(n)[: c.T]
     if c.bad_slots and c.T >= 3:
         perm[1] = perm[1] - n if c.unique_slots else -1

@@ -13,7 +13,6 @@ large enough to reach the kernel's multi-token tiles.
 """
 import math
 import zlib
-from unittest import mock
 
 import pytest
 import torch
@@ -22,10 +21,8 @@ from hypothesis import strategies as st
 
 from kernels.op_schema import ACT_DTYPES, LAYOUT_HND, LAYOUT_NHD, TABLE_DTYPES
 
-from . import kernel_check
 from .cases import TABLE_FORMS, Case
 from .kernel_check import check_case
-from .numerics import assert_spec_close
 
 CPU_HEAD_DIMS = (64, 80, 96, 128, 160, 192, 256)
 GPU_HEAD_DIMS = CPU_HEAD_DIMS + (512,)
@@ -85,41 +82,13 @@ def cases(draw, head_dims=CPU_HEAD_DIMS, max_t=40):
     )
 
 
-def _cache_storage_dtype(case: Case) -> torch.dtype:
-    if case.cache_dtype == "auto":
-        return case.dtype
-    return torch.float8_e4m3fn if case.cache_dtype.endswith("e4m3") else torch.float8_e5m2
-
-
-def _cache_ulp_fix(case: Case):
-    """Work around a defect of ``kernel_check.check_case`` (it cannot be edited from here).
-
-    It compares cache rows after converting them to float64 (``_rows``), so SPEC's "+ 1 ulp of
-    the output dtype" is taken in float64 (~1e-15), not in the cache's dtype.  An fp32 cache
-    then has to be within 1.5x the eager error with no ulp at all, which a correct kernel misses
-    by a rounding (first seen: fp32, norm offset 1, GPT-J, key_cache error 1.07e-6 vs tolerance
-    1.03e-6, while the k output, same values, passed with its fp32 ulp).  This hands
-    ``assert_spec_close`` the cache rows in their storage dtype (the conversion is exact: the
-    values came from that dtype).  Remove once kernel_check passes the storage dtype itself.
-    """
-    dt = _cache_storage_dtype(case)
-
-    def spec_close(fused, eager, exact, name="output"):
-        if name in ("key_cache", "value_cache"):
-            fused = fused.to(dt)
-        return assert_spec_close(fused, eager, exact, name)
-
-    return mock.patch.object(kernel_check, "assert_spec_close", spec_close)
-
-
 def run_case(case: Case, device: str) -> None:
     """Seed torch from the case (torch's RNG is not hypothesis's) and check it.
 
     To reproduce a reported failure: ``run_case(Case(...printed fields...), "cpu")``.
     """
     torch.manual_seed(zlib.crc32(repr(case).encode()))
-    with _cache_ulp_fix(case):
-        check_case(case, device)
+    check_case(case, device)
 
 
 # No shrinking: a failing Case prints in full and reproduces on its own (run_case), while
