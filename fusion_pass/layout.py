@@ -56,10 +56,15 @@ def rows_of(root: torch.Tensor) -> tuple:
 
 
 def head_layout(x: torch.Tensor, root: torch.Tensor, head_dim: int) -> HeadLayout:
-    """Decode ``x`` (a view of ``root``) as ``[tokens..., heads, head_dim]`` in some order."""
+    """Decode ``x`` (a view of ``root``) as ``[tokens..., heads, head_dim]`` in some order.
+
+    Size-1 dims may be dropped: with one token and one head (T=1 decode, H_kv=1) a V written
+    by a broadcasting ``index_put`` is just ``[head_dim]``; the row count check below still
+    requires that it covers every projection row.
+    """
     if not isinstance(head_dim, int):
         raise LayoutError("dynamic head dim")
-    if x.dim() < 2 or x.shape[-1] != head_dim or x.stride(-1) != 1:
+    if x.dim() < 1 or x.shape[-1] != head_dim or x.stride(-1) != 1:
         raise LayoutError(f"last dim must be the head dim ({head_dim}) with stride 1")
     row_stride, w, rows = rows_of(root)
     if not isinstance(row_stride, int):
@@ -88,13 +93,18 @@ def head_layout(x: torch.Tensor, root: torch.Tensor, head_dim: int) -> HeadLayou
     if col + (heads - 1) * head_stride + head_dim > w:
         raise LayoutError("heads run past the projection row")
     # Tokens must enumerate all projection rows in order: major dims step over minor ones.
-    tok.sort(key=lambda e: 0 if not isinstance(e[1], int) else -e[1])
-    count = 1
-    for j in range(len(tok) - 1, -1, -1):
-        _, m, size = tok[j]
-        if not same_sym(m, count):
+    # Chain them from the minor end (row step 1, then the product of the sizes so far):
+    # sorting by step would not do, a dynamic step (Hugging Face [B, S, H, D] with dynamic S:
+    # B steps s0 rows) has no order against the static ones.
+    chain, count = [], 1
+    while tok:
+        nxt = next((e for e in tok if same_sym(e[1], count)), None)
+        if nxt is None:
             raise LayoutError("token dims do not enumerate projection rows in order")
-        count = count * size
+        tok.remove(nxt)
+        chain.append(nxt)
+        count = count * nxt[2]
+    tok = chain[::-1]  # major -> minor
     if not same_sym(count, rows):
         raise LayoutError("tensor covers only part of the projection's rows")
     return HeadLayout(col, head_stride, heads, head_dim, x.dim(), tuple(t[0] for t in tok),

@@ -166,6 +166,7 @@ def match_cache_write(ip: Node) -> CacheWrite:
                               "training graph returns mutations as outputs: compile under "
                               "torch.no_grad() or inference_mode)")
     sv, bv = tensor_val(self_n), tensor_val(base)
+    _check_not_broadcast(sv, indices, values)
     alias = _is_base_itself(self_n, base, sv, bv, indices)
     if alias is None and any(not isinstance(s, int) for s in tuple(sv.shape) + tuple(sv.stride())):
         raise CacheMatchError("cache view has dynamic shape")
@@ -209,6 +210,49 @@ def match_cache_write(ip: Node) -> CacheWrite:
                           slot_args=(indices[2],), value_shape_kind="B,H,S,D", **common)
     raise CacheMatchError(f"index_put on a {sv.dim()}-D cache with indices "
                           f"{['None' if i is None else 'T' for i in indices]} is not a paged write")
+
+
+def _check_not_broadcast(sv, indices, values) -> None:
+    """The value must hold one row per written position: the op writes token t's row to
+    slot t only, while index_put broadcasts a smaller value (one token's K to several slots,
+    a batch-1 K into a StaticCache of several rows) to every indexed position.
+
+    Decided per dim, without creating shape guards: broadcasting only stretches a dim of size
+    1 (or a missing leading one), and a symbolic size is never 1 (0/1 specialization)."""
+    idx = [tensor_val(i) for i in indices if i is not None]
+    if not idx or any(v is None for v in idx):
+        raise CacheMatchError("cache write without index tensors")
+    if any(v.dtype == torch.bool for v in idx):
+        raise CacheMatchError("cache write indexed by a mask, not by slots")
+    vv = tensor_val(values)
+    if vv is None:
+        raise CacheMatchError("written value has no shape")
+    pos = [i for i, x in enumerate(indices) if x is not None]
+    bshape = _broadcast_shape([tuple(v.shape) for v in idx])
+    if pos == list(range(pos[0], pos[-1] + 1)):  # adjacent indices stay in place
+        target = list(sv.shape[:pos[0]]) + bshape + list(sv.shape[pos[-1] + 1:])
+    else:  # separated ones go first (advanced indexing rule)
+        target = bshape + [s for d, s in enumerate(sv.shape) if d not in pos]
+    vshape = list(vv.shape)
+    for i in range(1, len(target) + 1):
+        t = target[-i]
+        v = vshape[-i] if i <= len(vshape) else 1
+        if _is_one(v) and not _is_one(t):
+            raise CacheMatchError("the written value is broadcast over the indexed cache rows")
+
+
+def _is_one(s) -> bool:
+    return isinstance(s, int) and s == 1
+
+
+def _broadcast_shape(shapes: list) -> list:
+    n = max(len(s) for s in shapes)
+    out = []
+    for i in range(n, 0, -1):
+        dims = [s[-i] for s in shapes if len(s) >= i]
+        big = [d for d in dims if not _is_one(d)]
+        out.append(big[0] if big else 1)
+    return out
 
 
 def _is_base_itself(self_n, base, sv, bv, indices):

@@ -66,10 +66,19 @@ def _last_dim(n: Node) -> Optional[int]:
 def last_dim_range(n):
     """Compose last-dim slices/splits: ``(base, start, length, step)`` such that element i of
     ``n``'s last dim is element ``start + i * step`` of ``base``'s last dim."""
+    ranges = last_dim_ranges(n)
+    return ranges[0] if ranges else None
+
+
+def last_dim_ranges(n) -> list:
+    """Every ``(base, start, length, step)`` on the way from ``n`` to ``last_dim_range(n)``'s
+    base: the outermost base first, ``(n, 0, length, 1)`` itself last.  (The head tensor a rope
+    reads can be a split of the projection with no view in between: T=1 and one head.)"""
     v = tensor_val(n)
     if v is None:
-        return None
+        return []
     start, step, length = 0, 1, v.shape[-1]
+    out = [(n, start, length, step)]
     while True:
         if is_op(n, aten.slice.Tensor):
             base = n.args[0]
@@ -100,7 +109,24 @@ def last_dim_range(n):
             break
         start, step = s + start * st, step * st
         n = base
-    return n, start, length, step
+        out.append((n, start, length, step))
+    return out[::-1]
+
+
+def _width_ok(x, width) -> bool:
+    """The rotated tensor must be as wide as the rope output (the head dim)."""
+    v = tensor_val(x)
+    return width is None or (v is not None and v.shape[-1] == width)
+
+
+def _x_candidates(mul, step: int, width):
+    """``mul == x[..., 0::step] * other`` (either order): yields ``(other, range of x)`` for
+    each tensor x, ``width`` wide, that the operand is such a range of."""
+    ops = _mul_operands(mul)
+    for mx, other in (_pair(ops) if ops else ()):
+        for rng in (last_dim_ranges(mx) if isinstance(mx, Node) else ()):
+            if rng[1] == 0 and rng[3] == step and _width_ok(rng[0], width):
+                yield other, rng
 
 
 def _mul_operands(n) -> Optional[tuple]:
@@ -127,9 +153,8 @@ def _is_range(n, base, start, stop, step=1) -> bool:
     """n == base[..., start:stop:step]."""
     if not isinstance(n, Node):
         return False
-    r = last_dim_range(n)
     length = (stop - start + step - 1) // step
-    return r is not None and r[0] is base and r[1:] == (start, length, step)
+    return any(r[0] is base and r[1:] == (start, length, step) for r in last_dim_ranges(n))
 
 
 def _pair(nodes):
@@ -138,7 +163,7 @@ def _pair(nodes):
     return ((a, b), (b, a))
 
 
-def _match_halves_neox(out: Node):
+def _match_halves_neox(out: Node, width=None):
     """cat([x1*c - x2*s, x2*c + x1*s]) -> (x, r, c, s)."""
     if not is_op(out, aten.cat.default) or len(out.args[0]) != 2:
         return None
@@ -149,10 +174,7 @@ def _match_halves_neox(out: Node):
     if not is_op(o1, aten.sub.Tensor) or not is_op(o2, aten.add.Tensor):
         return None
     a, b = o1.args[0], o1.args[1]  # x1*c, x2*s
-    for mx1, my in (_mul_operands(a) and _pair(_mul_operands(a)) or ()):
-        r1 = last_dim_range(mx1) if isinstance(mx1, Node) else None
-        if r1 is None or r1[3] != 1 or r1[1] != 0:
-            continue
+    for my, r1 in _x_candidates(a, 1, width):
         x, _, half, _ = r1  # x1 = x[..., :half]
         r = 2 * half
         c = my
@@ -179,7 +201,7 @@ def _same_src(a, b) -> bool:
     return False
 
 
-def _match_rotate_half(out: Node):
+def _match_rotate_half(out: Node, width=None):
     """x*c + rotate(x)*s with rotate = cat([-x2, x1]) (NeoX) or the GPT-J stack/flatten."""
     if not is_op(out, aten.add.Tensor):
         return None
@@ -189,14 +211,14 @@ def _match_rotate_half(out: Node):
         for xr, c in _pair(m1.args):
             if not isinstance(xr, Node):
                 continue
-            rng = last_dim_range(xr)
-            if rng is None or rng[1] != 0 or rng[3] != 1:
-                continue
-            x, _, r, _ = rng  # xr = x[..., :r]
-            for rot, s in _pair(m2.args):
-                style = _rotation_of(rot, x, r)
-                if style is not None:
-                    return x, r, c, s, style, "rotate-half" if style else "gptj-stack"
+            for rng in last_dim_ranges(xr):
+                if rng[1] != 0 or rng[3] != 1 or not _width_ok(rng[0], width):
+                    continue
+                x, _, r, _ = rng  # xr = x[..., :r]
+                for rot, s in _pair(m2.args):
+                    style = _rotation_of(rot, x, r)
+                    if style is not None:
+                        return x, r, c, s, style, "rotate-half" if style else "gptj-stack"
     return None
 
 
@@ -221,7 +243,7 @@ def _rotation_of(rot, x, r) -> Optional[bool]:
     return None
 
 
-def _match_halves_gptj(out: Node):
+def _match_halves_gptj(out: Node, width=None):
     """stack([xe*c - xo*s, xo*c + xe*s], -1).flatten(-2)."""
     if not is_op(out, aten.reshape.default, aten.view.default, aten.flatten.using_ints):
         return None
@@ -234,10 +256,7 @@ def _match_halves_gptj(out: Node):
     o1, o2 = a.args[0], b.args[0]
     if not is_op(o1, aten.sub.Tensor) or not is_op(o2, aten.add.Tensor):
         return None
-    for mx, c in (_mul_operands(o1.args[0]) and _pair(_mul_operands(o1.args[0])) or ()):
-        rng = last_dim_range(mx) if isinstance(mx, Node) else None
-        if rng is None or rng[1] != 0 or rng[3] != 2:
-            continue
+    for c, rng in _x_candidates(o1.args[0], 2, width):
         x, _, half, _ = rng  # x_even = x[..., 0:r:2]
         r = 2 * half
         s = _split_mul(o1.args[1], lambda n: _is_range(n, x, 1, r, 2))
@@ -251,12 +270,14 @@ def _match_halves_gptj(out: Node):
     return None
 
 
-def match_rotated(out: Node):
-    """Match the rotated part; returns (x_or_xrot_base, r, c, s, is_neox, form) or None."""
+def match_rotated(out: Node, width=None):
+    """Match the rotated part; returns (x_or_xrot_base, r, c, s, is_neox, form) or None.
+
+    ``width``: the rotated head tensor x must be this wide (the rope output's head dim)."""
     while is_cast(out):  # math in float32 (fp32 cos/sin), cast back: the kernel does the same
         out = out.args[0]
     for fn in (_match_halves_neox, _match_rotate_half, _match_halves_gptj):
-        m = fn(out)
+        m = fn(out, width)
         if m is not None:
             return m
     return None
@@ -264,7 +285,9 @@ def match_rotated(out: Node):
 
 def match_rope(out: Node) -> Optional[RopeMatch]:
     """``out`` is a candidate rope output (full head, partial rotary included)."""
-    m = match_rotated(out)
+    ov = tensor_val(out)
+    width = None if ov is None or ov.dim() == 0 else ov.shape[-1]
+    m = match_rotated(out, width)
     if m is not None:
         x, r, c, s, neox, form = m
         d = tensor_val(x).shape[-1]
@@ -275,7 +298,7 @@ def match_rope(out: Node) -> Optional[RopeMatch]:
     if not is_op(out, aten.cat.default) or len(out.args[0]) != 2:
         return None
     rot, rest = out.args[0]
-    m = match_rotated(rot) if isinstance(rot, Node) else None
+    m = match_rotated(rot, width) if isinstance(rot, Node) else None
     if m is None:
         return None
     x, r, c, s, neox, form = m

@@ -111,11 +111,21 @@ def check_written_order(kinds: list, value_shape_kind: str, what: str) -> None:
     # index_put broadcasts a value of lower rank (T=1: [H, D] written to [1, H, D])
     shift = (3 if value_shape_kind == "T,H,D" else 4) - len(kinds)
     toks = tuple(t + shift for t in token_dims(kinds))
-    if shift < 0 or (toks != want and not (toks == () and want == (0,))):
+    # Token dims of size 1 carry no order (kinds_of marks them "one"): T=1, or HF B=1 / S=1
+    # (decode).  The rest must sit where ``want`` puts them, major first.  (match_cache made
+    # sure the value is not broadcast over tokens, so a missing token dim has size 1.)
+    if shift < 0 or toks not in _in_order_subsets(want):
         raise OrderError(f"{what} is written to the cache in another token order")
     ha = head_axis(kinds)
     if ha is not None and ha + shift != 1:
         raise OrderError(f"{what} is written to the cache in another head order")
+
+
+def _in_order_subsets(want: tuple) -> set:
+    out = {()}
+    for w in want:
+        out |= {t + (w,) for t in out}
+    return out
 
 
 __all__ = ["kinds_of", "walk_back", "apply", "check_written_order", "OrderError", "is_cast"]
