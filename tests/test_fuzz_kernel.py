@@ -14,6 +14,8 @@ large enough to reach the kernel's multi-token tiles.
 import math
 import zlib
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -32,7 +34,7 @@ BLOCK_SIZES = (1, 3, 4, 16, 17)
 # Measured on 2 CPU cores (Triton interpreter, pytest in one process): 0.2-0.3 s per example
 # on average, so the CPU test takes about 1m45s-2m20s.  Keep the file under ~4 minutes.
 CPU_EXAMPLES = 500
-GPU_EXAMPLES = 400
+GPU_EXAMPLES = int(os.environ.get("FUZZ_GPU_EXAMPLES", "400"))
 
 
 @st.composite

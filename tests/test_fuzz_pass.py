@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import re
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, note, settings
@@ -51,7 +53,7 @@ TWISTS = ("k_eps", "rope_first", "olmo2")
 # ~0.8 s on average (compile + interpreted kernel + eager + float64 runs): 300 examples took
 # 3m58s, so 250 keep the file at about 3-3.5 minutes.
 CPU_EXAMPLES = 250
-GPU_EXAMPLES = 400
+GPU_EXAMPLES = int(os.environ.get("FUZZ_GPU_EXAMPLES", "400"))
 
 
 @st.composite
