@@ -65,6 +65,25 @@ class Chain:
                 "rope": f"{self.rope.form}(r={self.rope.rotary_dim}) {table}"}
 
 
+def _where(n: Node) -> str:
+    """' (file.py:LINE)' of the user code that produced ``n``, from its stack trace."""
+    import re
+
+    st = n.meta.get("stack_trace") or ""
+    hits = re.findall(r'File "([^"]+)", line (\d+)', st)
+    if not hits:
+        return ""
+    path, line = hits[-1]
+    return f" ({path.rsplit('/', 1)[-1]}:{line})"
+
+
+def _cache_form(cw) -> Optional[str]:
+    if cw is None:
+        return None
+    return ("NHD" if cw.layout == 0 else "HND") + f"[{cw.slot_kind}]" + \
+        (f" {cw.fp8}" if cw.fp8 else "")
+
+
 def _split_form(src: Optional[HeadSource]) -> Optional[str]:
     if src is None:
         return None
@@ -174,9 +193,10 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
     usable = []
     for c in chains:
         if c.error is not None:
-            report.add(Candidate(gid, c.rope.out.name, c.forms(), "rejected", c.error, "match"))
+            report.add(Candidate(gid, c.rope.out.name + _where(c.rope.out), c.forms(), "rejected",
+                                 c.error, "match"))
         elif _rope_then_norm(c):
-            report.add(Candidate(gid, c.rope.out.name, c.forms(), "rejected",
+            report.add(Candidate(gid, c.rope.out.name + _where(c.rope.out), c.forms(), "rejected",
                                  "rope is followed by a norm (HunYuan style): not this op",
                                  "order"))
         else:
@@ -218,7 +238,7 @@ def _pair(chains: list, report: Report, gid: int) -> list:
             if partner is None and len(left) == 1 and len(group) == 2:
                 partner = left[0]
             if partner is None:
-                report.add(Candidate(gid, a.rope.out.name, a.forms(), "rejected",
+                report.add(Candidate(gid, a.rope.out.name + _where(a.rope.out), a.forms(), "rejected",
                                      "rope on one tensor only: no Q/K pair found", "pairing"))
                 continue
             left.remove(partner)
@@ -249,9 +269,9 @@ def _order(a: Chain, b: Chain) -> tuple:
 
 
 def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid) -> int:
-    name = f"q:{q.rope.out.name} k:{k.rope.out.name}"
+    name = f"q:{q.rope.out.name} k:{k.rope.out.name}{_where(q.rope.out)}"
     forms = {"split": f"Q {_split_form(q.src)}, K {_split_form(k.src)}",
-             "norm": q.forms()["norm"], "rope": q.forms()["rope"], "cache": None}
+             "norm": q.forms()["norm"], "rope": q.forms()["rope"], "cache": _cache_form(k.cache)}
     d = q.src.layout.head_dim
     vw = None
     try:
@@ -294,9 +314,7 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
         report.add(Candidate(gid, name, forms, "rejected", f"rewrite: {e}", "rewrite"))
         return 0
     if vw is not None:
-        kc = k.cache
-        forms["cache"] = ("NHD" if kc.layout == 0 else "HND") + f"[{kc.slot_kind}]" + \
-            (f" {kc.fp8}" if kc.fp8 else "")
+        forms["cache"] = _cache_form(k.cache)
         report.add(Candidate(gid, name, forms, "fused", op=op_name))
     else:
         report.add(Candidate(gid, name, forms, "fused-partial", partial_reason, "cache",
@@ -337,7 +355,7 @@ def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str
     outs_q = q.rope.out
     anchor = _insertion_point(graph, [q.rope.out, k.rope.out] +
                               ([k.cache.index_put, vw[0].index_put] if vw else []))
-    b = Builder(graph, fake_mode, anchor)
+    b = Builder(graph, fake_mode, anchor, q.rope.out.meta.get("stack_trace"))
     try:
         return _build(b, q, k, vw, gate, d, fake_mode, outs_q)
     except Exception:

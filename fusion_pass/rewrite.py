@@ -21,14 +21,17 @@ from .layout import HeadLayout
 class Builder:
     """Inserts nodes before ``anchor`` and gives each a fake value."""
 
-    def __init__(self, graph: Graph, fake_mode, anchor: Node):
+    def __init__(self, graph: Graph, fake_mode, anchor: Node, stack_trace: Optional[str] = None):
         self.graph, self.fake_mode, self.anchor = graph, fake_mode, anchor
+        self.stack_trace = stack_trace  # of the code replaced: shows in Inductor's output code
         self.created = []
 
     def call(self, target, args, kwargs=None) -> Node:
         with self.graph.inserting_before(self.anchor):
             n = self.graph.call_function(target, tuple(args), kwargs or {})
         set_fake_val(n, self.fake_mode)
+        if self.stack_trace:
+            n.meta["stack_trace"] = self.stack_trace
         self.created.append(n)
         return n
 
