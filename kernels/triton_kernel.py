@@ -181,6 +181,15 @@ def fused_qkv_kernel(
         tl.store(g_out + (t * HQ + h)[:, None] * D + d[None, :], x, mask=mask)
 
 
+_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps) forced by the tuning script only
+
+
+def set_block_override(cfg) -> None:
+    """Force ``(BLOCK_T, BLOCK_H, num_warps)`` for every launch (None: the heuristic)."""
+    global _BLOCK_OVERRIDE
+    _BLOCK_OVERRIDE = cfg
+
+
 def _pick_blocks(num_tokens: int, head_dim: int, max_heads: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps): about 2K-4K elements per program."""
     block_d = triton.next_power_of_2(head_dim)
@@ -216,7 +225,11 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
     has_cache = key_cache is not None
     if t == 0:
         return q_out, k_out, v_out, g_out
-    block_t, block_h, block_d, num_warps = _pick_blocks(t, d, max(hq, hkv))
+    if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
+        block_t, block_h, num_warps = _BLOCK_OVERRIDE
+        block_d = triton.next_power_of_2(d)
+    else:
+        block_t, block_h, block_d, num_warps = _pick_blocks(t, d, max(hq, hkv))
     nqb = triton.cdiv(hq, block_h) if write_q else 0
     nkb = triton.cdiv(hkv, block_h) if (write_k or has_cache) else 0
     nvb = triton.cdiv(hkv, block_h) if (write_v or has_cache) else 0
