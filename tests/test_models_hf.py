@@ -188,24 +188,25 @@ def paged_caches(cfg) -> list:
             for _ in range(cfg.num_hidden_layers)]
 
 
-def run_paged(model, cfg, dtype: torch.dtype):
+def run_paged(model, cfg, dtype: torch.dtype, device: str = "cpu"):
     """Logits of every step, and every cache after the last one."""
-    caches = [(k.to(dtype), v.to(dtype)) for k, v in paged_caches(cfg)]
+    caches = [(k.to(device, dtype), v.to(device, dtype)) for k, v in paged_caches(cfg)]
     logits = []
     with torch.no_grad():
         for step in paged_steps(cfg):
+            step = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
             logits.append(model(**step, kv_caches=caches).logits)
     return logits, [t for pair in caches for t in pair]
 
 
-def run_static(model, cfg, dtype: torch.dtype):
+def run_static(model, cfg, dtype: torch.dtype, device: str = "cpu"):
     """Prefill then one decode step through one StaticCache; logits of every step, and the
     caches of the attention layers after the last one."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, cfg.vocab_size, (B, S + 1), generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (B, S + 1), generator=g).to(device)
     cache = transformers.StaticCache(config=cfg, max_cache_len=MAX_CACHE_LEN)
     cache.early_initialization(B, cfg.num_key_value_heads, cfg.head_dim, dtype,
-                               torch.device("cpu"))
+                               torch.device(device))
     logits = []
     with torch.no_grad():
         for step_ids in (ids[:, :S], ids[:, S:]):
@@ -215,9 +216,9 @@ def run_static(model, cfg, dtype: torch.dtype):
     return logits, caches
 
 
-def compiled(model):
+def compiled(model, device: str = "cpu"):
     torch._dynamo.reset()
-    backend = fusion_pass.make_backend(allow_cpu=True)
+    backend = fusion_pass.make_backend(allow_cpu=device == "cpu")
     return torch.compile(model, backend=backend), backend
 
 
@@ -266,12 +267,13 @@ def check_numerics(fam: Family, got, eager, exact, what: str) -> None:
 
 # ------------------------------------------------------------------------ tests
 
-def check(name: str, attn: str, run) -> None:
+def check(name: str, attn: str, run, device: str = "cpu") -> None:
     fam, cfg, model = build(name, attn)
-    eager = run(model, cfg, torch.float32)
-    exact = run(copy.deepcopy(model).double(), cfg, torch.float64)
-    fn, backend = compiled(model)
-    got, codes = run_and_get_code(run, fn, cfg, torch.float32)
+    model = model.to(device)
+    eager = run(model, cfg, torch.float32, device)
+    exact = run(copy.deepcopy(model).double(), cfg, torch.float64, device)
+    fn, backend = compiled(model, device)
+    got, codes = run_and_get_code(run, fn, cfg, torch.float32, device)
     check_report(fam, cfg, backend.report, "\n".join(codes))
     check_numerics(fam, got, eager, exact, name)
 
@@ -289,3 +291,17 @@ STATIC = [n for n in FAMILIES if n != "glm4_moe_no_qk_norm"]
 def test_static_cache(name):
     """Hugging Face's own StaticCache (``index_copy_(2, cache_position, k)``), eager attention."""
     check(name, "eager", run_static)
+
+
+# ------------------------------------------------------------------ the same on the GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_paged_cache_cuda(name):
+    check(name, ATTN, run_paged, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", STATIC)
+def test_static_cache_cuda(name):
+    check(name, "eager", run_static, "cuda")
