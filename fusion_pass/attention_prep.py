@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Optional
 
 import torch
 from torch.fx import Graph, Node
 
-from kernels.op_schema import GATE_NONE
+from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
 from . import guards, token_order
-from .graph_util import aten, fake_mode_of, is_cast, is_op, is_view_node, tensor_val, view_input
+from .graph_util import (aten, fake_mode_of, is_cast, is_op, is_view_node, same_sym, tensor_val,
+                         view_input)
 from .guards import GuardFailure
-from .layout import LayoutError
+from .layout import LayoutError, head_layout, rows_of
 from .match_cache import CacheMatchError, CacheWrite, find_index_puts, match_cache_write
 from .match_norm import NormMatch, match_norm
 from .match_rope import RopeMatch, match_rope
-from .match_split import HeadSource, head_source, trace_to_root, trace_views
+from .match_split import HeadSource, head_source, trace_views
 from .options import FusionOptions
 from .report import Candidate, Report
 from .rewrite import Builder, call_fused, call_fused_with_cache, replace_cache_chain
@@ -67,8 +69,6 @@ class Chain:
 
 def _where(n: Node) -> str:
     """' (file.py:LINE)' of the user code that produced ``n``, from its stack trace."""
-    import re
-
     st = n.meta.get("stack_trace") or ""
     hits = re.findall(r'File "([^"]+)", line (\d+)', st)
     if not hits:
@@ -91,7 +91,7 @@ def _split_form(src: Optional[HeadSource]) -> Optional[str]:
     return f"cols {lay.col}+{lay.heads}x{lay.head_stride}"
 
 
-def _find_chains(graph: Graph, fake_mode, report_chain) -> list:
+def _find_chains(graph: Graph, fake_mode) -> list:
     chains = []
     claimed = set()
     for n in list(graph.nodes):
@@ -104,7 +104,8 @@ def _find_chains(graph: Graph, fake_mode, report_chain) -> list:
             continue
         if m is None:
             continue
-        # A partial-rotary outer cat also matches its inner rotation: keep the outer one.
+        # A partial rotary's inner rotation can also match on its own (its x[..., :r] then
+        # looks like a whole head of r dims): the outer cat wins.
         claimed.update(a for a in (n.args[0] if is_op(n, aten.cat.default) else []) if
                        isinstance(a, Node))
         chains.append(_chain_for(m, fake_mode))
@@ -171,7 +172,7 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
     fake_mode = fake_mode_of(graph)
     if fake_mode is None:
         return 0
-    chains = _find_chains(graph, fake_mode, None)
+    chains = _find_chains(graph, fake_mode)
     rope_outs = {c.rope.out: c for c in chains}
 
     # Cache writes: K writes hang off rope outputs, V writes off projection views.
@@ -332,8 +333,6 @@ def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
 
 
 def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> None:
-    from .graph_util import same_sym
-
     guards.check("cache", kw.layout == vw.layout and len(kw.size) == len(vw.size) and
                  all(same_sym(a, b) for a, b in zip(kw.size, vw.size)),
                  "K and V caches differ in layout or shape")
@@ -350,8 +349,6 @@ def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int
 
 
 def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str:
-    from kernels import custom_op  # noqa: F401  (registers the ops)
-
     outs_q = q.rope.out
     anchor = _insertion_point(graph, [q.rope.out, k.rope.out] +
                               ([k.cache.index_put, vw[0].index_put] if vw else []))
@@ -431,9 +428,6 @@ def _tables(b: Builder, q: Chain, providers) -> tuple:
         sin = b.table_cols(ss.table, ss.col, width)
         pos = b.flat1d(cs.positions)
         pv = tensor_val(pos)
-        from .graph_util import same_sym
-        from .layout import rows_of
-
         rows = rows_of(tensor_val(q.src.root))[2]
         if not same_sym(pv.shape[0], rows):
             raise ValueError("positions do not have one entry per token")
@@ -461,8 +455,6 @@ def _on_value_path(u: Node, cw: Optional[CacheWrite]) -> bool:
 
 def _v_layout(root: Node, ops: list, d: int):
     """Layout (relative to the projection) of the last pure view before any copy."""
-    from .layout import head_layout
-
     views = []
     for op in ops:
         if not is_view_node(op):

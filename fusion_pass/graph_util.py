@@ -60,12 +60,6 @@ def is_cast(n: Any) -> bool:
     return is_op(n, prims.convert_element_type.default, aten._to_copy.default)
 
 
-def skip_casts(n: Any) -> Any:
-    while is_cast(n):
-        n = n.args[0]
-    return n
-
-
 def fake_mode_of(graph: Graph):
     return torch._guards.detect_fake_mode(
         [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
@@ -78,10 +72,6 @@ def set_fake_val(n: Node, fake_mode) -> None:
         n.meta["val"] = n.target(*args, **kwargs)
 
 
-def users_outside(n: Node, inside: set) -> list:
-    return [u for u in n.users if u not in inside]
-
-
 def same_sym(a, b) -> bool:
     """Equal sizes, symbolically when needed."""
     if isinstance(a, int) and isinstance(b, int):
@@ -92,10 +82,6 @@ def same_sym(a, b) -> bool:
         return bool(statically_known_true(a == b))
     except Exception:
         return False
-
-
-def is_static(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def size_arg(graph: Graph, size, providers: Iterable[Node], before: Node):

@@ -11,7 +11,8 @@ import torch
 
 from kernels.op_schema import ACT_DTYPES, SUPPORTED_HEAD_DIMS, TABLE_DTYPES
 
-from .graph_util import tensor_val
+from .graph_util import same_sym, tensor_val
+from .layout import rows_of
 
 
 class GuardFailure(Exception):
@@ -78,9 +79,6 @@ def norms(nq, nk) -> None:
 
 
 def same_rows(a, b, what: str) -> None:
-    from .graph_util import same_sym
-    from .layout import rows_of
-
     ra, rb = rows_of(tensor_val(a))[2], rows_of(tensor_val(b))[2]
     check("tokens", same_sym(ra, rb), f"{what} have different token counts ({ra} vs {rb})")
 

@@ -16,10 +16,9 @@ import dataclasses
 import operator
 from typing import Optional
 
-import torch
 from torch.fx import Node
 
-from .graph_util import aten, is_cast, is_op, prims, skip_casts, tensor_val
+from .graph_util import aten, is_cast, is_op, prims, tensor_val
 
 INT_MAX = 2**63 - 1
 

@@ -8,7 +8,6 @@ tensor) are replayed on fake values so the layout is still relative to the proje
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch.fx import Node
@@ -76,7 +75,3 @@ def head_source(x_raw: Node, post_ops: list, head_dim: int, fake_mode) -> HeadSo
         raise LayoutError("views after the norm copy the tensor")
     return HeadSource(root, head_layout(v, rv, head_dim), x_raw)
 
-
-def is_projection_like(n: Optional[Node]) -> bool:
-    v = tensor_val(n)
-    return v is not None and v.is_floating_point()

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph, Node
 
-from .graph_util import aten, set_fake_val, size_arg, tensor_val
+from .graph_util import aten, same_sym, set_fake_val, size_arg, tensor_val
 from .layout import HeadLayout
 
 
@@ -79,7 +79,7 @@ class Builder:
         if perm != list(range(nd)):
             cur = self.call(aten.permute.default, (cur, perm))
         cv = tensor_val(cur)
-        need_expand = any(not _eq(cv.shape[j], xv.shape[tok[j]]) for j in range(len(tok)))
+        need_expand = any(not same_sym(cv.shape[j], xv.shape[tok[j]]) for j in range(len(tok)))
         if need_expand:
             sizes = [self.size(xv.shape[t], providers) for t in tok] + [-1] * (nd - len(tok))
             cur = self.call(aten.expand.default, (cur, sizes))
@@ -101,12 +101,6 @@ class Builder:
             if dim not in kept:
                 cur = self.call(aten.unsqueeze.default, (cur, dim))
         return cur
-
-
-def _eq(a, b) -> bool:
-    from .graph_util import same_sym
-
-    return same_sym(a, b)
 
 
 def op_kwargs(op, args: tuple) -> dict:
@@ -154,8 +148,3 @@ def replace_cache_chain(b: Builder, write, new_base: Node) -> None:
                       (new_base, list(sv.shape), list(sv.stride()), sv.storage_offset()))
         ip.replace_all_uses_with(view)
 
-
-def first_user_position(graph: Graph, nodes) -> Optional[Node]:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    users = [u for n in nodes for u in n.users]
-    return min(users, key=lambda u: order[u]) if users else None

@@ -171,9 +171,6 @@ def split_norm_rope_cache(
     elif cos_t.shape[0] != t:
         raise ValueError(f"without positions, cos/sin must have one row per token ({t}), got "
                          f"{cos_t.shape[0]}")
-    for name, tab in (("cos", cos_t), ("cos_sin_cache", cos_sin_cache)):
-        if tab is not None and tab.dtype != cos_t.dtype:
-            raise ValueError(f"{name} dtype mismatch")
 
     # --- cache ---
     if cache_layout not in CACHE_LAYOUTS:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .op_schema import GATE_BLOCKED, GATE_INTERLEAVED, GATE_NONE, cache_geometry, fp8_dtype_of
+from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 
 @triton.jit

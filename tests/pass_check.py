@@ -28,16 +28,6 @@ class RecordingPass(fusion_pass.FusionPass):
         self.graphs.append({n.target for n in graph.nodes if n.op == "call_function"})
 
 
-def compile_form(form, *, dynamic=False, mode=None, **options):
-    fn, args = build(form)
-    fpass = RecordingPass(**{"allow_cpu": True, **options})
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=fpass, fx_graph_cache=False):
-        compiled = torch.compile(fn, dynamic=dynamic, mode=mode)
-        out, codes = run_and_get_code(compiled, *args)
-    return fn, args, out, "\n".join(codes), fpass
-
-
 def cache_numels(args):
     return [a.numel() for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4]
 
@@ -69,7 +59,7 @@ def check_fused(form, *, expect=FUSED_CACHE, dynamic=False, **options):
     """Compile, then assert the op replaced the chain and the numbers are right."""
     fn, args0 = build(form)
     before = clone_args(args0)
-    fn, args, out, code, fpass = _run(form, args0, dynamic, **options)
+    args, out, code, fpass = _run(fn, args0, dynamic, **options)
     report = fpass.report
     assert report.fused, f"nothing fused:\n{report}"
     assert expect in code, f"{expect} not in generated code:\n{report}"
@@ -82,9 +72,10 @@ def check_fused(form, *, expect=FUSED_CACHE, dynamic=False, **options):
     return report, code
 
 
-def _run(form, args, dynamic, mode=None, **options):
-    """``dynamic``: mark the token dims dynamic, as serving engines do (caches stay static)."""
-    fn, _ = build(form)
+def _run(fn, args, dynamic, **options):
+    """Compile ``fn`` with the pass and run it on ``args`` (updated in place: the caches).
+
+    ``dynamic``: mark the token dims dynamic, as serving engines do (caches stay static)."""
     fpass = RecordingPass(**{"allow_cpu": True, **options})
     torch._dynamo.reset()
     if dynamic:
@@ -94,14 +85,14 @@ def _run(form, args, dynamic, mode=None, **options):
     with torch._inductor.config.patch(post_grad_custom_post_pass=fpass, fx_graph_cache=False):
         compiled = torch.compile(fn)
         out, codes = run_and_get_code(compiled, *args)
-    return fn, args, out, "\n".join(codes), fpass
+    return args, out, "\n".join(codes), fpass
 
 
 def check_unfused(form, **options):
     """The pass must leave the chain alone, and the compiled result must still be right."""
     fn, args0 = build(form)
     before = clone_args(args0)
-    fn, args, out, code, fpass = _run(form, args0, False, **options)
+    args, out, code, fpass = _run(fn, args0, False, **options)
     assert "fused_qkv" not in code, f"fused although it must not:\n{fpass.report}"
     assert_numerics(fn, args, out, before)
     return fpass.report

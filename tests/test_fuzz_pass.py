@@ -127,7 +127,7 @@ def check_form(f: Form, dynamic: bool = False) -> None:
     """Compile ``f`` with the pass; numerics always; fused iff the chain is this op."""
     fn, args0 = build(f)
     before = clone_args(args0)
-    fn, args, out, code, fpass = _run(f, args0, dynamic)
+    args, out, code, fpass = _run(fn, args0, dynamic)
     report = fpass.report
     if currently_in_test_context():
         note(str(report))
