@@ -24,8 +24,8 @@ from torch.fx import Graph, Node
 from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
 from . import guards, token_order
-from .graph_util import (aten, fake_mode_of, is_cast, is_op, is_view_node, same_sym, tensor_val,
-                         view_input)
+from .graph_util import (aten, fake_mode_of, is_cast, is_op, is_view_node, same_sym, same_value,
+                         tensor_val, view_input)
 from .guards import GuardFailure
 from .layout import LayoutError, head_layout, rows_of
 from .match_cache import CacheMatchError, CacheWrite, find_index_puts, match_cache_write
@@ -325,7 +325,7 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
 
 def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
     same = [e for e in v_writes if e[0].slot_kind == kw.slot_kind and
-            all(a is b for a, b in zip(e[0].slot_args, kw.slot_args))]
+            all(same_value(a, b) for a, b in zip(e[0].slot_args, kw.slot_args))]
     for e in same:  # the V of the same layer first
         if e[1] is k.src.root or _layer_input(e[1]) is _layer_input(k.src.root):
             return e

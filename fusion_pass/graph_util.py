@@ -60,6 +60,20 @@ def is_cast(n: Any) -> bool:
     return is_op(n, prims.convert_element_type.default, aten._to_copy.default)
 
 
+def same_value(a, b) -> bool:
+    """Two nodes compute the same values: the same node, or the same chain of ops with the same
+    extra arguments down to one shared input (post-grad graphs often repeat an unsqueeze, a
+    cast or ``slot % bs`` per use instead of sharing it)."""
+    if a is b:
+        return True
+    while isinstance(a, Node) and isinstance(b, Node) and a.target == b.target and \
+            a.op == "call_function" and a.args[1:] == b.args[1:] and a.kwargs == b.kwargs:
+        a, b = a.args[0], b.args[0]
+        if a is b:
+            return True
+    return False
+
+
 def fake_mode_of(graph: Graph):
     return torch._guards.detect_fake_mode(
         [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])

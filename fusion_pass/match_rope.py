@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch.fx import Node
 
-from .graph_util import aten, is_cast, is_op, prims, tensor_val
+from .graph_util import aten, is_cast, is_op, prims, same_value, tensor_val
 
 INT_MAX = 2**63 - 1
 
@@ -183,21 +183,9 @@ def _match_halves_neox(out: Node, width=None):
         for p, q in _pair(o2.args):
             c2 = _split_mul(p, lambda n: _is_range(n, x, half, r))
             s2 = _split_mul(q, lambda n: _is_range(n, x, 0, half))
-            if c2 is not None and s2 is not None and _same_src(c2, c) and _same_src(s2, s):
+            if c2 is not None and s2 is not None and same_value(c2, c) and same_value(s2, s):
                 return x, r, c, s, True, "neox-halves"
     return None
-
-
-def _same_src(a, b) -> bool:
-    """Two cos operands are the same values (often duplicated unsqueeze/convert nodes)."""
-    if a is b:
-        return True
-    while isinstance(a, Node) and isinstance(b, Node) and a.target == b.target and \
-            a.op == "call_function" and a.args[1:] == b.args[1:] and a.kwargs == b.kwargs:
-        a, b = a.args[0], b.args[0]
-        if a is b:
-            return True
-    return False
 
 
 def _match_rotate_half(out: Node, width=None):
@@ -264,7 +252,7 @@ def _match_halves_gptj(out: Node, width=None):
         for p, q in _pair(o2.args):
             c2 = _split_mul(p, lambda n: _is_range(n, x, 1, r, 2))
             s2 = _split_mul(q, lambda n: _is_range(n, x, 0, r, 2))
-            if c2 is not None and s2 is not None and _same_src(c2, c) and _same_src(s2, s):
+            if c2 is not None and s2 is not None and same_value(c2, c) and same_value(s2, s):
                 return x, r, c, s, False, "gptj-halves"
     return None
 
@@ -342,7 +330,7 @@ def _unrepeat(n, r: int, neox: bool):
                 return src
     if neox and is_op(n, aten.cat.default) and len(n.args[0]) == 2:
         a, b = n.args[0]
-        if _same_src(a, b):
+        if same_value(a, b):
             return a
     if not neox and is_op(n, aten.repeat_interleave.self_int) and n.args[1] == 2:
         return n.args[0]

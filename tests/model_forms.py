@@ -21,7 +21,8 @@ class Form:
     rotary: float = 1.0  # fraction of head_dim rotated
     table: str = "cos_sin_cache"  # cos_sin_cache, separate, gathered (HF cos/sin [B, S, D]),
     #                               computed (HF rotary: cos/sin of angles computed from positions)
-    cache: str = "view"  # view, index_put, index_copy, nhd, hnd, kv_halves, static, fp8, none
+    cache: str = "view"  # view, index_put, index_copy, nhd, nhd_negoff, hnd, kv_halves, static,
+    #                      fp8, none
     hf: bool = False  # Hugging Face layout: [B, S] tokens, q transposed to [B, H, S, D]
     dtype: torch.dtype = torch.bfloat16
     eps: float = 1e-6
@@ -276,6 +277,9 @@ def build(f: Form):
             elif f.cache == "nhd":
                 cs[0][sl // bs, sl % bs] = kk
                 cs[1][sl // bs, sl % bs] = vv
+            elif f.cache == "nhd_negoff":  # offsets counted from the block's end: [-bs, -1]
+                cs[0][sl // bs, sl % bs - bs] = kk
+                cs[1][sl // bs, sl % bs - bs] = vv
             elif f.cache == "hnd":
                 cs[0][sl // bs, :, sl % bs] = kk
                 cs[1][sl // bs, :, sl % bs] = vv

@@ -128,3 +128,10 @@ def test_cache_fusion_switched_off():
 def test_negative_slot_keeps_indexing_semantics(cache):
     """A replaced indexing write keeps PyTorch's meaning of slot -1: the last row."""
     check_fused(Form(cache=cache, negative_slot=True))
+
+
+def test_block_and_offset_indices_not_from_one_slot():
+    """cache[blk, off] where off is not slot % bs (here negative, counted from the block's
+    end): the pass rebuilds the slot from both indices with PyTorch's negative-index rule."""
+    report, _ = check_fused(Form(cache="nhd_negoff"))
+    assert report.fused[0].forms["cache"] == "NHD[blk_off]"
