@@ -46,34 +46,118 @@ def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: t
 
 
 @triton.jit
-def _store_cache(cache, scale_ptr, t, h, d, mask, val, slot_ptr, block_size, num_slots,
-                 s_blk, s_slot, s_head,
-                 SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 FP8_MAX: tl.constexpr, INTERP: tl.constexpr):
-    rmask = tl.max(mask.to(tl.int32), 1) > 0
+def _load(ptr, rows, cols, rmask, cmask):
+    """fp32 tile ``ptr[rows[:, None] + cols[None, :]]``; masked lanes read 0."""
+    m = rmask[:, None] & cmask[None, :]
+    return tl.load(ptr + rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, rows, cols, rmask, cmask, val, INTERP: tl.constexpr):
+    m = rmask[:, None] & cmask[None, :]
+    tl.store(ptr + rows[:, None] + cols[None, :], _cast(val, ptr.dtype.element_ty, INTERP),
+             mask=m)
+
+
+@triton.jit
+def _emit(ptr, rows, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
+          SPLIT: tl.constexpr, HAS_TAIL: tl.constexpr, INTERP: tl.constexpr):
+    """Store a row tile: one part (columns c1) or, SPLIT, the two rotary halves and the tail."""
+    _store(ptr, rows, c1, rmask, m1, y1, INTERP)
+    if SPLIT:
+        _store(ptr, rows, c2, rmask, m2, y2, INTERP)
+        if HAS_TAIL:
+            _store(ptr, rows, ct, rmask, mt, yt, INTERP)
+
+
+@triton.jit
+def _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
+                SKIP_NEG: tl.constexpr):
+    """Element offset of each (token, head) row in a paged cache, and whether it is written."""
     slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
     if not SKIP_NEG:
         # Indexing mode: a negative slot counts from the end, as cache.view(-1,H,D)[slot].
         slot = tl.where(slot < 0, slot + num_slots, slot)
-    ok = (slot >= 0) & (slot < num_slots)
+    ok = rmask & (slot >= 0) & (slot < num_slots)
     blk = slot // block_size
-    off = slot % block_size
-    row = blk * s_blk + off * s_slot + h.to(tl.int64) * s_head
+    off = slot - blk * block_size
+    return blk * s_blk + off * s_slot + h.to(tl.int64) * s_head, ok
+
+
+@triton.jit
+def _fp8(val, scale_ptr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr):
     if IS_FP8:
         if HAS_SCALE:
             val = val / tl.load(scale_ptr).to(tl.float32)
         val = tl.minimum(tl.maximum(val, -FP8_MAX), FP8_MAX)
-    tl.store(cache + row[:, None] + d[None, :], _cast(val, cache.dtype.element_ty, INTERP),
-             mask=mask & ok[:, None])
+    return val
 
 
 @triton.jit
-def _norm_rope(src, src_stride, col, t, d, mask, w_ptr, eps, w_off,
-               cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-               D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
-               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr):
-    base = src + t[:, None] * src_stride + col[:, None]
-    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr):
+    if HAS_POS:
+        row = tl.load(pos_ptr + t, mask=rmask, other=0).to(tl.int64)
+        row = tl.where(row < 0, row + table_rows, row)
+    else:
+        row = t
+    return row
+
+
+@triton.jit
+def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
+                      cos_ptr, sin_ptr, crow, srow,
+                      D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_W: tl.constexpr, EXPANDED: tl.constexpr):
+    """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
+    so every load and store is a full-width vector access and no element is read twice."""
+    HALF: tl.constexpr = R // 2
+    HAS_TAIL: tl.constexpr = D > R
+    jm = j < HALF
+    em = e < D - R
+    x1 = _load(src, rows, j, rmask, jm)
+    x2 = _load(src, rows, HALF + j, rmask, jm)
+    if HAS_TAIL:
+        xt = _load(src, rows, R + e, rmask, em)
+    else:
+        xt = x1  # unused
+    if HAS_NORM:
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if HAS_TAIL:
+            ss += tl.sum(xt * xt, axis=1)
+        rstd = tl.rsqrt(ss / D + eps)[:, None]
+        if HAS_W:
+            w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32) + w_off
+            w2 = tl.load(w_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32) + w_off
+            x1 = x1 * rstd * w1[None, :]
+            x2 = x2 * rstd * w2[None, :]
+            if HAS_TAIL:
+                wt = tl.load(w_ptr + R + e, mask=em, other=0.0).to(tl.float32) + w_off
+                xt = xt * rstd * wt[None, :]
+        else:
+            x1 = x1 * rstd * (1.0 + w_off)
+            x2 = x2 * rstd * (1.0 + w_off)
+            if HAS_TAIL:
+                xt = xt * rstd * (1.0 + w_off)
+    c1 = _load(cos_ptr, crow, j, rmask, jm)
+    s1 = _load(sin_ptr, srow, j, rmask, jm)
+    if EXPANDED:  # HF tables repeat the half: read both to honour any table exactly
+        c2 = _load(cos_ptr, crow, HALF + j, rmask, jm)
+        s2 = _load(sin_ptr, srow, HALF + j, rmask, jm)
+    else:
+        c2 = c1
+        s2 = s1
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, xt
+
+
+@triton.jit
+def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
+                     cos_ptr, sin_ptr, crow, srow,
+                     D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
+                     HAS_W: tl.constexpr, IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr):
+    """Any rope style on one [rows, D] tile: each element's rotation partner is loaded a
+    second time (same cache line).  Used for GPT-J pairs (2i, 2i+1)."""
+    dmask = d < D
+    x = _load(src, rows, d, rmask, dmask)
     rot = d < R
     HALF: tl.constexpr = R // 2
     if IS_NEOX:
@@ -85,32 +169,40 @@ def _norm_rope(src, src_stride, col, t, d, mask, w_ptr, eps, w_off,
         sign = tl.where(d % 2 == 0, -1.0, 1.0)
         pair = d // 2
     pd = tl.where(rot, pd, d)
-    pmask = mask & rot[None, :]
-    xp = tl.load(base + pd[None, :], mask=pmask, other=0.0).to(tl.float32)
+    xp = _load(src, rows, pd, rmask, rot)
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         if HAS_W:
-            w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32) + w_off
+            w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + w_off
             wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
         else:
             w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
             wp = w
         x = x * rstd[:, None] * w[None, :]
         xp = xp * rstd[:, None] * wp[None, :]
-    rmask = tl.max(mask.to(tl.int32), 1) > 0
-    if HAS_POS:
-        row = tl.load(pos_ptr + t, mask=rmask, other=0).to(tl.int64)
-        row = tl.where(row < 0, row + table_rows, row)
-    else:
-        row = t
     if EXPANDED:
         ci = d
     else:
         ci = pair
     cmask = rmask[:, None] & rot[None, :]
-    c = tl.load(cos_ptr + row[:, None] * cos_stride + ci[None, :], mask=cmask, other=1.0)
-    s = tl.load(sin_ptr + row[:, None] * sin_stride + ci[None, :], mask=cmask, other=0.0)
-    return x * c.to(tl.float32) + sign[None, :] * xp * s.to(tl.float32)
+    c = tl.load(cos_ptr + crow[:, None] + ci[None, :], mask=cmask, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + srow[:, None] + ci[None, :], mask=cmask, other=0.0).to(tl.float32)
+    return x * c + sign[None, :] * xp * s
+
+
+@triton.jit
+def _norm_rope(src, rows, rmask, d, j, e, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow, srow,
+               D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
+               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT:
+        y1, y2, yt = _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off, cos_ptr,
+                                       sin_ptr, crow, srow, D, R, HAS_NORM, HAS_W, EXPANDED)
+    else:
+        y1 = _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow,
+                              srow, D, R, HAS_NORM, HAS_W, IS_NEOX, EXPANDED)
+        y2 = y1
+        yt = y1
+    return y1, y2, yt
 
 
 @triton.jit
@@ -129,56 +221,72 @@ def fused_qkv_kernel(
     HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
     WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    dm = d < D
+    # NeoX rope works on the two rotary halves and the tail as separate tiles (SPLIT).
+    SPLIT: tl.constexpr = IS_NEOX
+    HAS_TAIL: tl.constexpr = D > R
+    HALF: tl.constexpr = R // 2
+    j = tl.arange(0, BLOCK_HALF)
+    e = tl.arange(0, BLOCK_TAIL)
+    if SPLIT:  # the columns of the three parts, and their masks
+        c1, c2, ct, m1, m2, mt = j, HALF + j, R + e, j < HALF, j < HALF, e < D - R
+    else:
+        c1, c2, ct, m1, m2, mt = d, d, d, dm, dm, dm
     # Column stride between consecutive Q heads, and where the gate of a head starts.
     Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
     if pid_h < NQB:
         t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
-        mask = rmask[:, None] & dmask[None, :]
-        y = _norm_rope(q_src, q_src_stride, q_col + h * Q_HSTRIDE, t, d, mask, q_w, eps, w_off,
-                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-                       D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED, HAS_POS)
-        dst = q_out + (t * HQ + h)[:, None] * D + d[None, :]
-        tl.store(dst, _cast(y, q_out.dtype.element_ty, INTERP), mask=mask)
+        tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+        y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d, j, e,
+                                q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
+                                tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED,
+                                SPLIT)
+        _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
+              SPLIT, HAS_TAIL, INTERP)
     elif pid_h < NQB + NKB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
-        mask = rmask[:, None] & dmask[None, :]
-        y = _norm_rope(k_src, k_src_stride, k_col + h * D, t, d, mask, k_w, eps, w_off,
-                       cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-                       D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED, HAS_POS)
+        tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+        y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
+                                k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
+                                tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
+                                SPLIT)
         if WRITE_K:
-            dst = k_out + (t * HKV + h)[:, None] * D + d[None, :]
-            tl.store(dst, _cast(y, k_out.dtype.element_ty, INTERP), mask=mask)
+            _emit(k_out, (t * HKV + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
+                  SPLIT, HAS_TAIL, INTERP)
         if HAS_CACHE:
-            _store_cache(k_cache, k_scale, t, h, d, mask, y, slot_ptr, block_size, num_slots,
-                         kc_blk, kc_slot, kc_head, SKIP_NEG, IS_FP8, HAS_KS, FP8_MAX, INTERP)
+            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
+                                   kc_blk, kc_slot, kc_head, SKIP_NEG)
+            _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
+                  _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
+                  _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
+                  SPLIT, HAS_TAIL, INTERP)
     elif pid_h < NQB + NKB + NVB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
-        mask = rmask[:, None] & dmask[None, :]
-        src = v_src + t[:, None] * v_src_stride + (v_col + h * D)[:, None] + d[None, :]
-        x = tl.load(src, mask=mask, other=0.0)
+        m = rmask[:, None] & dm[None, :]
+        x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
-            dst = v_out + (t * HKV + h)[:, None] * D + d[None, :]
-            tl.store(dst, x, mask=mask)
+            tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
-            _store_cache(v_cache, v_scale, t, h, d, mask, x.to(tl.float32), slot_ptr, block_size,
-                         num_slots, vc_blk, vc_slot, vc_head, SKIP_NEG, IS_FP8, HAS_VS, FP8_MAX,
-                         INTERP)
+            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
+                                   vc_blk, vc_slot, vc_head, SKIP_NEG)
+            _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
+                                                  FP8_MAX), INTERP)
     else:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
                                  BLOCK_H)
-        mask = rmask[:, None] & dmask[None, :]
+        m = rmask[:, None] & dm[None, :]
         if GATE == 1:
             gcol = q_col + h * (2 * D) + D
         else:
             gcol = q_col + HQ * D + h * D
-        x = tl.load(q_src + t[:, None] * q_src_stride + gcol[:, None] + d[None, :], mask=mask)
-        tl.store(g_out + (t * HQ + h)[:, None] * D + d[None, :], x, mask=mask)
+        x = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=m)
+        tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], x, mask=m)
 
 
 _BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps) forced by the tuning script only
@@ -270,7 +378,9 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
         WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
         NQB=nqb, NKB=nkb, NVB=nvb,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_HALF=triton.next_power_of_2(max(rotary_dim // 2, 1)),
+        BLOCK_TAIL=triton.next_power_of_2(max(d - rotary_dim, 1)), num_warps=num_warps,
         INTERP=q_src.device.type == "cpu",
     )
     return q_out, k_out, v_out, g_out
