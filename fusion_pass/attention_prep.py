@@ -34,7 +34,7 @@ from .match_rope import RopeMatch, match_rope
 from .match_split import HeadSource, head_source, trace_views
 from .options import FusionOptions
 from .report import Candidate, Report
-from .rewrite import Builder, call_fused, call_fused_with_cache, replace_cache_chain
+from .rewrite import Builder, call_fused, call_fused_with_cache, replace_cache_chain, rewire
 
 log = logging.getLogger("fusion_pass")
 
@@ -403,11 +403,10 @@ def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, out
         _, outs = call_fused(b, op, head + (True, write_k, False, False))
         op_name = "fused_qkv.split_norm_rope"
     new_q = b.to_head_tensor(outs[0], outs_q, q.src.layout, providers)
-    outs_q.replace_all_uses_with(new_q)
+    rewire(b, outs_q, new_q)
     if write_k:
         new_k = b.to_head_tensor(outs[1], k.rope.out, k.src.layout, providers)
-        for u in k_users:
-            u.replace_input_with(k.rope.out, new_k)
+        rewire(b, k.rope.out, new_k, k_users)
     return op_name
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph, Node
 
-from .graph_util import aten, same_sym, set_fake_val, size_arg, tensor_val
+from .graph_util import aten, is_cast, prims, same_sym, set_fake_val, size_arg, tensor_val
 from .layout import HeadLayout
 
 
@@ -101,6 +101,35 @@ class Builder:
             if dim not in kept:
                 cur = self.call(aten.unsqueeze.default, (cur, dim))
         return cur
+
+
+def _cast_target(n: Node):
+    """The dtype a pure dtype cast converts to (None if it also changes anything else)."""
+    if n.target is prims.convert_element_type.default:
+        return n.args[1]
+    if set(n.kwargs) <= {"dtype"} and len(n.args) == 1:
+        return n.kwargs.get("dtype")
+    return None
+
+
+def rewire(b: Builder, old: Node, new: Node, users=None) -> None:
+    """Point ``users`` (default: all) of ``old`` at ``new``, an op output of the same shape.
+
+    The op returns the activation dtype.  Where the unfused chain computed in float32 and cast
+    back, that cast is now a no-op: its users take ``new`` directly (else Inductor launches a
+    copy kernel for it).  Any other user of the float32 value gets an explicit upcast."""
+    users = list(old.users) if users is None else users
+    ov, nv = tensor_val(old), tensor_val(new)
+    up = None
+    for u in users:
+        if ov.dtype == nv.dtype:
+            u.replace_input_with(old, new)
+        elif is_cast(u) and u.args[0] is old and _cast_target(u) == nv.dtype:
+            u.replace_all_uses_with(new)
+        else:
+            if up is None:
+                up = b.call(prims.convert_element_type.default, (new, ov.dtype))
+            u.replace_input_with(old, up)
 
 
 def op_kwargs(op, args: tuple) -> dict:

@@ -35,6 +35,7 @@ class Form:
     d: int = 64
     return_k: bool = False
     negative_slot: bool = False  # one slot is -1: indexing counts it from the end
+    rope_fp32: bool = False  # float32 cos/sin: rope math in float32, cast back afterwards
     device: str = "cpu"
 
     @property
@@ -248,10 +249,11 @@ def build(f: Form):
                 c, s = ctab[p], stab[p]
             else:
                 c, s = cos_sin[p].chunk(2, -1)
-            c, s = _expand_for(f.rope, c).to(q.dtype), _expand_for(f.rope, s).to(q.dtype)
+            tdt = _f32(q.dtype) if f.rope_fp32 else q.dtype
+            c, s = _expand_for(f.rope, c).to(tdt), _expand_for(f.rope, s).to(tdt)
             c, s = (c.unsqueeze(1), s.unsqueeze(1)) if f.hf else (c.unsqueeze(-2), s.unsqueeze(-2))
-        q = _rotate(f.rope, q, c, s, r)
-        k = _rotate(f.rope, k, c, s, r)
+        q = _rotate(f.rope, q, c, s, r).to(q.dtype)
+        k = _rotate(f.rope, k, c, s, r).to(k.dtype)
         if f.rope_first:
             q = _norm(f.norm, q, qw, f.eps)
             k = _norm(f.norm, k, kw, k_eps)

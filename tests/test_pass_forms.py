@@ -43,6 +43,13 @@ def test_fp32_activations_no_casts():
     check_fused(Form(dtype=torch.float32))
 
 
+def test_rope_in_float32_cast_back_leaves_no_kernel():
+    """fp32 cos/sin (vLLM's cos_sin_cache): rope math in fp32, cast back to bf16.  The op
+    returns bf16 directly, so the casts go too: the fused op is the only kernel left."""
+    _, code = check_fused(Form(rope_fp32=True, return_k=True))
+    assert "cpp_fused" not in code, code
+
+
 def test_fp16_activations():
     check_fused(Form(dtype=torch.float16))
 
