@@ -6,10 +6,10 @@ handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one reg
 
 Why this shape: the op is purely memory-bound, each byte is read once and written once or
 twice, and every (token, head) row is independent except for the norm's reduction over D,
-which stays inside one row of the tile.  RoPE needs each element's rotation partner; instead
-of shuffling registers we load the partner a second time (same cache line, an L1 hit) and
-normalise it with the same per-row factor, which works for any head dim, partial rotary and
-both rotary styles with one code path.
+which stays inside one row of the tile.  For NeoX rope (the common case) a row is handled as
+three contiguous tiles, the two rotary halves and the unrotated tail, so element i of one half
+meets its partner i of the other in the same thread, and every access is a full-width vector.
+GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same cache line).
 """
 from __future__ import annotations
 
@@ -252,6 +252,9 @@ def fused_qkv_kernel(
     elif pid_h < NQB + NKB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+        if HAS_CACHE:  # slot loads first: in flight with the activation loads
+            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
+                                   kc_blk, kc_slot, kc_head, SKIP_NEG)
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
@@ -260,8 +263,6 @@ def fused_qkv_kernel(
             _emit(k_out, (t * HKV + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
         if HAS_CACHE:
-            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                   kc_blk, kc_slot, kc_head, SKIP_NEG)
             _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
@@ -269,12 +270,13 @@ def fused_qkv_kernel(
     elif pid_h < NQB + NKB + NVB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         m = rmask[:, None] & dm[None, :]
+        if HAS_CACHE:
+            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
+                                   vc_blk, vc_slot, vc_head, SKIP_NEG)
         x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
             tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
-            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                   vc_blk, vc_slot, vc_head, SKIP_NEG)
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
     else:
