@@ -17,6 +17,7 @@ the chain, with the forms that family uses (norm with or without ``1 + w``, part
 GPT-J pairs, gated Q); the negatives (OLMo2: norm over the whole projection; HunYuan: rope
 before the norm) stay unfused, with the reason; logits and every cache equal eager under
 SPEC's numerics rule against a float64 run of the same model (``tests/numerics.py``).
+On the CPU in float32; on a GPU (``-m gpu``) the same families in bf16, the dtype served there.
 
 Everything is built in code: nothing is downloaded.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Optional
 
 import pytest
@@ -188,9 +190,12 @@ def paged_caches(cfg) -> list:
             for _ in range(cfg.num_hidden_layers)]
 
 
-def run_paged(model, cfg, dtype: torch.dtype, device: str = "cpu"):
-    """Logits of every step, and every cache after the last one."""
-    caches = [(k.to(device, dtype), v.to(device, dtype)) for k, v in paged_caches(cfg)]
+def run_paged(model, cfg, dtype: torch.dtype, device: str = "cpu", init=torch.float32):
+    """Logits of every step, and every cache after the last one.  ``init``: the dtype the
+    caches' random contents are rounded to first (the model's, also in the float64 run, so that
+    both start from the same values and the slots nobody writes add no error)."""
+    caches = [(k.to(init).to(device, dtype), v.to(init).to(device, dtype))
+              for k, v in paged_caches(cfg)]
     logits = []
     with torch.no_grad():
         for step in paged_steps(cfg):
@@ -199,18 +204,24 @@ def run_paged(model, cfg, dtype: torch.dtype, device: str = "cpu"):
     return logits, [t for pair in caches for t in pair]
 
 
-def run_static(model, cfg, dtype: torch.dtype, device: str = "cpu"):
+def run_static(model, cfg, dtype: torch.dtype, device: str = "cpu", init=None):
     """Prefill then one decode step through one StaticCache; logits of every step, and the
-    caches of the attention layers after the last one."""
+    caches of the attention layers after the last one (they start as zeros: ``init`` unused)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (B, S + 1), generator=g).to(device)
     cache = transformers.StaticCache(config=cfg, max_cache_len=MAX_CACHE_LEN)
     cache.early_initialization(B, cfg.num_key_value_heads, cfg.head_dim, dtype,
                                torch.device(device))
+    # the cache argument is ``cache`` from transformers 5.24 (``past_key_values`` before, and
+    # kept as a deprecated alias until 5.40); a name forward() lacks would be silently swallowed
+    # by its **kwargs and run the model with no cache at all.  _orig_mod: a compiled model
+    params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters
+    kw = "cache" if "cache" in params else "past_key_values"
+    assert kw in params, f"{type(model).__name__}.forward takes neither cache nor past_key_values"
     logits = []
     with torch.no_grad():
         for step_ids in (ids[:, :S], ids[:, S:]):
-            logits.append(model(input_ids=step_ids, cache=cache, use_cache=True).logits)
+            logits.append(model(input_ids=step_ids, use_cache=True, **{kw: cache}).logits)
     caches = [t for i in attention_layers(cfg) for t in (cache.layers[i].keys,
                                                          cache.layers[i].values)]
     return logits, caches
@@ -253,13 +264,13 @@ def check_report(fam: Family, cfg, report, code: str) -> None:
 def check_numerics(fam: Family, got, eager, exact, what: str) -> None:
     """Fused: SPEC's rule against the float64 run.  Negatives (nothing fused): what stock
     Inductor does to the rest of the model is not the pass's rule to keep; a tight float32
-    match is."""
+    match is (in bf16/fp16 no tight match exists: there SPEC's rule, whose ulp is the dtype's)."""
     logits, caches = got
     assert len(logits) == len(eager[0]) and len(caches) == len(eager[1]) == len(exact[1])
     names = [f"{what} step {i} logits" for i in range(len(logits))] + \
         [f"{what} cache {i}" for i in range(len(caches))]
     for name, g, e, x in zip(names, logits + caches, eager[0] + eager[1], exact[0] + exact[1]):
-        if fam.fused:
+        if fam.fused or g.dtype != torch.float32:
             assert_spec_close(g, e, x, name)
         else:
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -267,13 +278,15 @@ def check_numerics(fam: Family, got, eager, exact, what: str) -> None:
 
 # ------------------------------------------------------------------------ tests
 
-def check(name: str, attn: str, run, device: str = "cpu") -> None:
+def check(name: str, attn: str, run, device: str = "cpu", dtype=torch.float32) -> None:
+    """``dtype``: the model's weights and activations (the float64 run starts from the same,
+    rounded, weights and caches)."""
     fam, cfg, model = build(name, attn)
-    model = model.to(device)
-    eager = run(model, cfg, torch.float32, device)
-    exact = run(copy.deepcopy(model).double(), cfg, torch.float64, device)
+    model = model.to(device, dtype)
+    eager = run(model, cfg, dtype, device, dtype)
+    exact = run(copy.deepcopy(model).double(), cfg, torch.float64, device, dtype)
     fn, backend = compiled(model, device)
-    got, codes = run_and_get_code(run, fn, cfg, torch.float32, device)
+    got, codes = run_and_get_code(run, fn, cfg, dtype, device, dtype)
     check_report(fam, cfg, backend.report, "\n".join(codes))
     check_numerics(fam, got, eager, exact, name)
 
@@ -294,14 +307,22 @@ def test_static_cache(name):
 
 
 # ------------------------------------------------------------------ the same on the GPU
+# In bf16, what models are served in on a GPU: weights, activations and caches (float32 is the
+# CPU tests' dtype, and the fp32 kernel on CUDA is test_pass_gpu's).  SPEC's rule scales with
+# the dtype (1 ulp of bf16 at the tensor's largest magnitude on top of 1.5 x eager's error).
+
+GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16")]
+
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_paged_cache_cuda(name):
-    check(name, ATTN, run_paged, "cuda")
+def test_paged_cache_cuda(name, dtype):
+    check(name, ATTN, run_paged, "cuda", dtype)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("name", STATIC)
-def test_static_cache_cuda(name):
-    check(name, "eager", run_static, "cuda")
+def test_static_cache_cuda(name, dtype):
+    check(name, "eager", run_static, "cuda", dtype)
