@@ -13,6 +13,8 @@ GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same c
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -71,10 +73,13 @@ def _emit(ptr, rows, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
 
 
 @triton.jit
-def _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
+def _cache_rows(slot, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
                 SKIP_NEG: tl.constexpr):
-    """Element offset of each (token, head) row in a paged cache, and whether it is written."""
-    slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
+    """Element offset of each (token, head) row in a paged cache, and whether it is written.
+
+    Takes the loaded slots, not their pointer: Inductor's analysis of which kernel arguments
+    are written would otherwise count slot_mapping (its pointer feeds a store address)."""
+    slot = slot.to(tl.int64)
     if not SKIP_NEG:
         # Indexing mode: a negative slot counts from the end, as cache.view(-1,H,D)[slot].
         slot = tl.where(slot < 0, slot + num_slots, slot)
@@ -253,8 +258,9 @@ def fused_qkv_kernel(
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
         if HAS_CACHE:  # slot loads first: in flight with the activation loads
-            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                   kc_blk, kc_slot, kc_head, SKIP_NEG)
+            slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
+                                   kc_head, SKIP_NEG)
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
@@ -271,15 +277,16 @@ def fused_qkv_kernel(
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
-            rows, ok = _cache_rows(slot_ptr, t, h, rmask, block_size, num_slots,
-                                   vc_blk, vc_slot, vc_head, SKIP_NEG)
+            slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
+                                   vc_head, SKIP_NEG)
         x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
             tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
-    else:
+    elif WRITE_G:  # (not a plain else: g_out must not look written when it is not)
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
                                  BLOCK_H)
         m = rmask[:, None] & dm[None, :]
@@ -300,16 +307,55 @@ def set_block_override(cfg) -> None:
     _BLOCK_OVERRIDE = cfg
 
 
-def _pick_blocks(num_tokens: int, head_dim: int, max_heads: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps): about 2K-4K elements per program."""
+def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
+                 num_kv_heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps), from ``benchmarks/tune_kernel.py`` on an H200.
+
+    BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
+    K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
+    chain).  Large T (and mid T at D=256): tiles of ~2K elements; 32 elements per thread at
+    D=256, 16 at D<=128, were the fastest settings at T=4096 and 65536.
+    """
     block_d = triton.next_power_of_2(head_dim)
-    block_h = max(1, min(triton.next_power_of_2(max_heads), 4096 // block_d, 8))
+    block_h = max(1, min(8, triton.next_power_of_2(num_kv_heads), 4096 // block_d))
+    big_d = block_d > 128
     block_t = 1
-    if num_tokens >= 1024:
-        block_t = max(1, min(4, 2048 // (block_h * block_d)))
+    if num_tokens >= 1024 or (big_d and num_tokens >= 256):
+        block_t = max(1, 2048 // (block_h * block_d))
     elems = block_t * block_h * block_d
-    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2
+    if num_tokens >= 1024 and big_d:
+        num_warps = max(1, elems // 1024)
+    else:
+        num_warps = 4 if elems >= 1024 else 2
     return block_t, block_h, block_d, num_warps
+
+
+class TilePlan(NamedTuple):
+    block_t: int  # tokens per program: grid x = cdiv(T, block_t)
+    grid_y: int  # head tiles of all regions
+    num_warps: int
+    constexprs: dict  # NQB, NKB, NVB, BLOCK_T, BLOCK_H, BLOCK_D, BLOCK_HALF, BLOCK_TAIL
+
+
+def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool,
+              run_k: bool, run_v: bool, write_gate: bool) -> Optional[TilePlan]:
+    """Tiles and grid of one launch (None: nothing to do).  ``run_k``/``run_v``: K/V programs
+    run (an output or the cache wants them); ``write_gate`` only when the layout is gated."""
+    if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
+        block_t, block_h, num_warps = _BLOCK_OVERRIDE
+        block_d = triton.next_power_of_2(d)
+    else:
+        block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
+    nqb = triton.cdiv(hq, block_h) if write_q else 0
+    nkb = triton.cdiv(hkv, block_h) if run_k else 0
+    nvb = triton.cdiv(hkv, block_h) if run_v else 0
+    ngb = triton.cdiv(hq, block_h) if write_gate else 0
+    if nqb + nkb + nvb + ngb == 0:
+        return None
+    return TilePlan(block_t, nqb + nkb + nvb + ngb, num_warps, dict(
+        NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_HALF=triton.next_power_of_2(max(rotary_dim // 2, 1)),
+        BLOCK_TAIL=triton.next_power_of_2(max(d - rotary_dim, 1))))
 
 
 def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
@@ -335,16 +381,9 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
     has_cache = key_cache is not None
     if t == 0:
         return q_out, k_out, v_out, g_out
-    if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
-        block_t, block_h, num_warps = _BLOCK_OVERRIDE
-        block_d = triton.next_power_of_2(d)
-    else:
-        block_t, block_h, block_d, num_warps = _pick_blocks(t, d, max(hq, hkv))
-    nqb = triton.cdiv(hq, block_h) if write_q else 0
-    nkb = triton.cdiv(hkv, block_h) if (write_k or has_cache) else 0
-    nvb = triton.cdiv(hkv, block_h) if (write_v or has_cache) else 0
-    ngb = triton.cdiv(hq, block_h) if write_gate else 0
-    if nqb + nkb + nvb + ngb == 0:
+    tiles = tile_plan(t, hq, hkv, d, rotary_dim, write_q, write_k or has_cache,
+                      write_v or has_cache, write_gate)
+    if tiles is None:
         return q_out, k_out, v_out, g_out
     fp8 = None
     if has_cache:
@@ -358,7 +397,7 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         key_cache = value_cache = slot_mapping = q_out  # never dereferenced
         nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
     dummy = q_out
-    grid = (triton.cdiv(t, block_t), nqb + nkb + nvb + ngb)
+    grid = (triton.cdiv(t, tiles.block_t), tiles.grid_y)
     fused_qkv_kernel[grid](
         q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
         q_col, k_col, v_col,
@@ -379,10 +418,7 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         HAS_KS=k_scale is not None, HAS_VS=v_scale is not None,
         FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
         WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
-        NQB=nqb, NKB=nkb, NVB=nvb,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_HALF=triton.next_power_of_2(max(rotary_dim // 2, 1)),
-        BLOCK_TAIL=triton.next_power_of_2(max(d - rotary_dim, 1)), num_warps=num_warps,
+        **tiles.constexprs, num_warps=tiles.num_warps,
         INTERP=q_src.device.type == "cpu",
     )
     return q_out, k_out, v_out, g_out
