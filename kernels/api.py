@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import validate
 from .custom_op import (
-    split_norm_rope_cache_impl,
+    split_norm_rope_cache_direct,
     split_norm_rope_cache_op,
     split_norm_rope_impl,
     split_norm_rope_op,
@@ -30,7 +30,26 @@ def _flat(name: str, x: Tensor) -> Tensor:
     if x.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims [..., width], got shape "
                          f"{tuple(x.shape)}")
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a reshape costs ~1 us
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+_HALVES: dict = {}  # (table identity and layout, r) -> its cos and sin views
+
+
+def _halves(table: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """cos_sin_cache[:, :r/2], [:, r/2:r], made once per table (two views cost ~2 us a call).
+    The key pins the memory and layout; the cached views keep that memory alive."""
+    key = (id(table), table.data_ptr(), table.dtype, table.shape, table.stride(), r)
+    views = _HALVES.get(key)
+    if views is None:
+        if len(_HALVES) >= 16:
+            _HALVES.clear()
+        views = _HALVES[key] = (table[:, : r // 2], table[:, r // 2: r])
+    return views
 
 
 def split_norm_rope_cache(
@@ -96,6 +115,9 @@ def split_norm_rope_cache(
     Raises:
         ValueError / TypeError naming the offending argument.
     """
+    # Plain eager: skip the dispatcher (its Python path costs ~200 us for ops that mutate).
+    # Anything tracing (torch.compile, make_fx, fake tensors) goes through the registered op.
+    direct = not _tracing()
     validate.heads(num_q_heads, num_kv_heads, head_dim)
     if gate not in GATE_LAYOUTS:
         raise ValueError(f"gate must be None, 'interleaved' or 'blocked', got {gate!r}")
@@ -141,7 +163,10 @@ def split_norm_rope_cache(
         r = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
         validate.rotary(r, d)
         validate.table("cos_sin_cache", cos_sin_cache, r)
-        cos_t, sin_t = cos_sin_cache[:, : r // 2], cos_sin_cache[:, r // 2 : r]
+        if direct:
+            cos_t, sin_t = _halves(cos_sin_cache, r)
+        else:  # fake tensors have no data_ptr
+            cos_t, sin_t = cos_sin_cache[:, : r // 2], cos_sin_cache[:, r // 2: r]
         expanded = False
     else:
         if cos is None or sin is None:
@@ -166,7 +191,8 @@ def split_norm_rope_cache(
         validate.table("sin", sin_t, width)
     if positions is not None:
         validate.tensor("positions", positions)
-        positions = positions.reshape(-1)
+        if positions.dim() != 1:
+            positions = positions.reshape(-1)
         validate.index_tensor("positions", positions, t, at_least=False)
     elif cos_t.shape[0] != t:
         raise ValueError(f"without positions, cos/sin must have one row per token ({t}), got "
@@ -197,25 +223,24 @@ def split_norm_rope_cache(
         fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
     validate.scale("k_scale", k_scale, fp8 is not None)
     validate.scale("v_scale", v_scale, fp8 is not None)
-    validate.device({"q_src": q_src, "k_src": k_src, "v_src": v_src, "q_weight": q_weight,
-                     "k_weight": k_weight, "cos": cos_t, "sin": sin_t, "positions": positions,
-                     "key_cache": key_cache, "value_cache": value_cache,
-                     "slot_mapping": slot_mapping, "k_scale": k_scale, "v_scale": v_scale})
+    validate.device(("q_src", "k_src", "v_src", "q_weight", "k_weight", "cos", "sin",
+                     "positions", "key_cache", "value_cache", "slot_mapping", "k_scale",
+                     "v_scale"),
+                    (q_src, k_src, v_src, q_weight, k_weight, cos_t, sin_t, positions,
+                     key_cache, value_cache, slot_mapping, k_scale, v_scale))
 
     head = (q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
             q_weight, k_weight, bool(apply_norm), float(eps), float(weight_offset),
             cos_t, sin_t, positions, r, bool(is_neox), expanded)
     flags = (return_q, return_k, return_v, return_gate)
-    # Plain eager: skip the dispatcher (its Python path costs ~200 us for ops that mutate).
-    # Anything tracing (torch.compile, make_fx, fake tensors) goes through the registered op.
-    direct = not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
     if has_cache:
         if k_scale is not None:
             k_scale = k_scale.reshape(())
         if v_scale is not None:
             v_scale = v_scale.reshape(())
-        fn = split_norm_rope_cache_impl if direct else split_norm_rope_cache_op
-        out = fn(*head, key_cache, value_cache, slot_mapping[:t], CACHE_LAYOUTS[cache_layout],
+        fn = split_norm_rope_cache_direct if direct else split_norm_rope_cache_op
+        slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
+        out = fn(*head, key_cache, value_cache, slots, CACHE_LAYOUTS[cache_layout],
                  slot_mode == "engine", kv_cache_dtype, k_scale, v_scale, *flags)
         if direct:  # what the dispatcher would do for a mutated argument
             torch.autograd.graph.increment_version((key_cache, value_cache))

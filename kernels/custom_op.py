@@ -29,10 +29,18 @@ def _use_triton(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(*args):
+def _launch(*args, **kw):
     from .triton_kernel import launch  # imported lazily: triton is read at import time
 
-    return launch(*args)
+    return launch(*args, **kw)
+
+
+def split_norm_rope_cache_direct(*args) -> _RET:
+    """``split_norm_rope_cache_impl`` for the eager entry point when nothing traces: outputs
+    not asked for share one empty tensor (the registered op may not alias its outputs)."""
+    if _use_triton(args[0].device):
+        return _launch(*args, share_empty=True)
+    return reference.split_norm_rope_cache(*args)
 
 
 def split_norm_rope_cache_impl(

@@ -13,12 +13,14 @@ GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same c
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import CachedLauncher
 from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 
@@ -307,6 +309,15 @@ def set_block_override(cfg) -> None:
     _BLOCK_OVERRIDE = cfg
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """triton.next_power_of_2 without its wrapper (~1.5 us a call on the host)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
                  num_kv_heads: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps), from ``benchmarks/tune_kernel.py`` on an H200.
@@ -316,8 +327,8 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
     chain).  Large T (and mid T at D=256): tiles of ~2K elements; 32 elements per thread at
     D=256, 16 at D<=128, were the fastest settings at T=4096 and 65536.
     """
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = max(1, min(8, triton.next_power_of_2(num_kv_heads), 4096 // block_d))
+    block_d = _pow2(head_dim)
+    block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     big_d = block_d > 128
     block_t = 1
     if num_tokens >= 1024 or (big_d and num_tokens >= 256):
@@ -342,30 +353,55 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     """Tiles and grid of one launch (None: nothing to do).  ``run_k``/``run_v``: K/V programs
     run (an output or the cache wants them); ``write_gate`` only when the layout is gated."""
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
-        block_t, block_h, num_warps = _BLOCK_OVERRIDE
-        block_d = triton.next_power_of_2(d)
+        return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
+                     _BLOCK_OVERRIDE)
+    # _pick_blocks only tells T < 256, < 1024 and the rest apart: memoise on that bucket
+    bucket = 1 if num_tokens < 256 else 256 if num_tokens < 1024 else 1024
+    return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, None)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, override):
+    if override is not None:
+        (block_t, block_h, num_warps), block_d = override, _pow2(d)
     else:
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
-    nqb = triton.cdiv(hq, block_h) if write_q else 0
-    nkb = triton.cdiv(hkv, block_h) if run_k else 0
-    nvb = triton.cdiv(hkv, block_h) if run_v else 0
-    ngb = triton.cdiv(hq, block_h) if write_gate else 0
+    nqb = _cdiv(hq, block_h) if write_q else 0
+    nkb = _cdiv(hkv, block_h) if run_k else 0
+    nvb = _cdiv(hkv, block_h) if run_v else 0
+    ngb = _cdiv(hq, block_h) if write_gate else 0
     if nqb + nkb + nvb + ngb == 0:
         return None
     return TilePlan(block_t, nqb + nkb + nvb + ngb, num_warps, dict(
         NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_HALF=triton.next_power_of_2(max(rotary_dim // 2, 1)),
-        BLOCK_TAIL=triton.next_power_of_2(max(d - rotary_dim, 1))))
+        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim)))
+
+
+_EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
+_FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profile_launch.py)
+_launcher: Optional[CachedLauncher] = None
+
+
+def _cached_launcher() -> CachedLauncher:
+    """fused_qkv_kernel's CachedLauncher (rebuilt when a test swaps the kernel out)."""
+    global _launcher
+    if _launcher is None or _launcher.fn is not fused_qkv_kernel:
+        _launcher = CachedLauncher(fused_qkv_kernel)
+    return _launcher
 
 
 def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
            q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
            rotary_dim, is_neox, table_expanded, key_cache, value_cache, slot_mapping,
            cache_layout, skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
-           write_q, write_k, write_v, write_gate, *, poison: float | None = None):
+           write_q, write_k, write_v, write_gate, *, poison: float | None = None,
+           share_empty: bool = False):
     """Allocate the outputs and launch the kernel once; caches (if given) are written in place.
 
     ``poison`` (tests only) fills the outputs first, so an element the kernel skips shows.
+    ``share_empty``: outputs not asked for are one shared 0-element tensor (an allocation
+    costs microseconds of host time); only for callers outside torch.library, which forbids
+    outputs that alias.
     """
     t = q_src.shape[0]
     dev, dt = q_src.device, q_src.dtype
@@ -373,6 +409,12 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
     write_gate = write_gate and gated
 
     def alloc(want, heads):
+        if not want and share_empty:
+            key = (dev, dt)
+            e = _EMPTY.get(key)
+            if e is None:
+                e = _EMPTY[key] = torch.empty((0,), device=dev, dtype=dt)
+            return e
         out = torch.empty((t, heads, d) if want else (0,), device=dev, dtype=dt)
         return out if poison is None else out.fill_(poison)
 
@@ -397,8 +439,8 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         key_cache = value_cache = slot_mapping = q_out  # never dereferenced
         nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
     dummy = q_out
-    grid = (triton.cdiv(t, tiles.block_t), tiles.grid_y)
-    fused_qkv_kernel[grid](
+    grid = (_cdiv(t, tiles.block_t), tiles.grid_y)
+    args = (
         q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
         q_col, k_col, v_col,
         q_weight if q_weight is not None else dummy,
@@ -411,6 +453,8 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         kb, ks, kh, vb, vs, vh,
         k_scale if k_scale is not None else dummy,
         v_scale if v_scale is not None else dummy, t,
+    )
+    consts = dict(
         HQ=hq, HKV=hkv, D=d, R=rotary_dim, GATE=gate_layout,
         HAS_NORM=apply_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
         IS_NEOX=is_neox, EXPANDED=table_expanded, HAS_POS=positions is not None,
@@ -418,7 +462,10 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         HAS_KS=k_scale is not None, HAS_VS=v_scale is not None,
         FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
         WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
-        **tiles.constexprs, num_warps=tiles.num_warps,
-        INTERP=q_src.device.type == "cpu",
+        **tiles.constexprs, INTERP=q_src.is_cpu,
     )
+    if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
+        _cached_launcher()(grid, args, consts, tiles.num_warps)
+    else:
+        fused_qkv_kernel[grid](*args, **consts, num_warps=tiles.num_warps)
     return q_out, k_out, v_out, g_out

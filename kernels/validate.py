@@ -68,13 +68,13 @@ def same(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name} dtype {x.dtype} must match {ref_name} dtype {ref.dtype}")
 
 
-def device(named: dict) -> None:
-    devs = {k: v.device for k, v in named.items() if isinstance(v, Tensor)}
-    first = next(iter(devs.items()))
-    for k, dev in devs.items():
-        if dev != first[1]:
-            raise ValueError(f"{k} is on {dev} but {first[0]} is on {first[1]}: all tensors must "
-                             f"be on one device")
+def device(names: tuple, tensors: tuple) -> None:
+    """tensors[0] is a tensor; the others may be None."""
+    dev = tensors[0].device
+    for name, x in zip(names, tensors):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but {names[0]} is on {dev}: all tensors "
+                             f"must be on one device")
 
 
 def norm_weight(name: str, w: Optional[Tensor], head_dim: int) -> None:

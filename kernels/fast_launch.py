@@ -1,0 +1,260 @@
+"""A cached low-level launcher for one ``@triton.jit`` kernel.
+
+Why: ``kernel[grid](...)`` runs ``JITFunction.run`` on every call, which binds every argument
+in Python, specialises each one (a pybind call per argument), builds and hashes a cache key
+of the whole specialisation, and builds launch metadata for the (empty) launch hooks.  With
+~40 runtime arguments and ~30 constexprs that is tens of microseconds per call, which
+dominates a decode step (T=1) that is not captured in a CUDA graph.
+
+How: the first call for a key goes through the normal ``jit_fn[grid](...)``, which compiles
+(or finds) the kernel and returns its ``CompiledKernel``.  We keep that kernel's launcher
+under a key at least as fine as Triton's own specialisation (see ``_ARG_KEY``), and a later
+call with the same key calls the launcher exactly as ``JITFunction.run`` would, minus the
+hook plumbing.  Anything we do not recognise takes the normal path, so the result is always
+the kernel Triton itself would have launched.
+
+Normal path, always: Triton's interpreter (``TRITON_INTERPRET=1``), a Triton whose
+``JITFunction.run`` launches differently from the call we copy (checked once, on its
+source), launch hooks or pre-run hooks set (profilers), a callable grid, an argument type
+the key does not cover, and any error while building the key.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+try:  # the launch path this module copies (Triton 3.x with triton.knobs)
+    from triton import knobs as _knobs
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover - another Triton: normal path only
+    _knobs = _JITFunction = None
+
+# What JITFunction.run does on a cache hit (read in Triton 3.6 and 3.9), whitespace-normalised.
+# CompiledKernel.run takes every bound argument, constexprs included, after nine launch args.
+_RUN_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+             "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+             "*bound_args.values())")
+# knobs read by run() that we handle: launch hooks (must be idle) and the stage-inspection hook
+# (must be unset); knobs assigned to kwargs[...] in run() are compile options and join our key.
+_HOOK_KNOBS = ("runtime.launch_enter_hook", "runtime.launch_exit_hook")
+_UNSET_KNOBS = ("runtime.add_stages_inspection_hook",)
+
+# Per-argument key expressions (``{a}`` the argument, ``{p}`` its data pointer), each at least
+# as fine as Triton's specialisation (python/src/specialize.cc): tensor -> dtype, + "D" if
+# data_ptr % 16 == 0; int -> constexpr if == 1, else i32 / i64 / u64 by range, + "D" if
+# % 16 == 0; float -> fp32; bool -> u1; None -> constexpr.  ``& 15`` (16 classes, not 2) and
+# ``>> 31`` (0 or -1 exactly on the int32 range, and distinct from there on) are finer than
+# needed but cheaper than comparisons.  ``__class__`` keeps int / bool / float apart (True ==
+# 1 == 1.0 as dict keys).  ``is_cuda``: we pass raw pointers, which skip the launcher's "cpu
+# tensor?" check, so a CPU tensor must miss and reach Triton, which raises.
+_ARG_KEY = {
+    "tensor": "{a}.dtype, {p} & 15, {a}.is_cuda",
+    "int": "{a}.__class__, {a} == 1, {a} & 15, {a} >> 31",
+    "plain": "{a}.__class__",  # float, bool, None: Triton does not specialise on the value
+}
+_MAX_ENTRIES = 4096  # a safety net; real call sites have a handful of keys
+
+
+def _probe_run(src: Optional[str] = None) -> tuple[Optional[Callable], Optional[Callable], str]:
+    """Once per process: (getter of the compile-option knobs, getter of the hook knobs, why not).
+
+    The getters are None when the installed Triton's run() (or ``src``) differs from what we
+    copy."""
+    if _JITFunction is None:
+        return None, None, "triton.runtime.jit.JITFunction / triton.knobs not found"
+    try:
+        src = src if src is not None else inspect.getsource(_JITFunction.run)
+    except (OSError, TypeError):
+        return None, None, "source of JITFunction.run unavailable"
+    if _RUN_CALL not in " ".join(src.split()):
+        return None, None, "JITFunction.run launches differently in this Triton"
+    options, used = [], set()
+    for line in src.splitlines():
+        refs = re.findall(r"knobs\.(\w+\.\w+)", line)
+        used.update(refs)
+        if re.match(r"\s*kwargs\[", line):
+            options += refs
+    unknown = used - set(options) - set(_HOOK_KNOBS) - set(_UNSET_KNOBS)
+    if unknown or not options:
+        return None, None, f"JITFunction.run reads knobs we do not handle: {sorted(unknown)}"
+    # HookChain objects: idle while .calls is empty (a plain function has no .calls: it raises,
+    # and the caller takes the normal path); the stage-inspection hook must be None.
+    hooks = [f"{h}.calls" for h in _HOOK_KNOBS] + [u for u in _UNSET_KNOBS if u in used]
+    return operator.attrgetter(*options), operator.attrgetter(*hooks), ""
+
+
+_PROBE: Optional[tuple] = None
+
+
+class CachedLauncher:
+    """Launch ``jit_fn`` through a per-key cache of its compiled launcher.
+
+    ``launcher(grid, args, constexprs, num_warps)`` does what ``jit_fn[grid](*args,
+    **constexprs, num_warps=num_warps)`` does.  ``args``: the runtime (non-constexpr)
+    arguments in kernel order; ``constexprs``: a tuple in kernel order (fast) or a dict by name;
+    ``grid``: a tuple of 1 to 3 ints.  Counters ``hits`` / ``misses`` say which path ran;
+    ``why_slow`` says why the fast path is off for good ("" when it is on).
+
+    The cache key covers, per tensor: dtype, address mod 16, CUDA or not; per int: ``== 1``,
+    value mod 16, int32 / int64 / uint64 range; every scalar's type; each constexpr's value and
+    type; ``num_warps``; the current device; the compile-option knobs JITFunction.run reads.
+    Like JITFunction.run, it re-checks the module globals the kernel reads (Triton raises when
+    one changed; we then take the normal path so that it does).
+    """
+
+    def __init__(self, jit_fn: Any) -> None:
+        global _PROBE
+        self.fn = jit_fn
+        try:
+            params = inspect.signature(getattr(jit_fn, "fn", jit_fn)).parameters.values()
+        except (TypeError, ValueError):  # a stand-in without a signature (tests): dicts only
+            params = ()
+        self._is_const = [_is_constexpr(p) for p in params]
+        self._cnames = tuple(p.name for p, c in zip(params, self._is_const) if c)
+        names = self._cnames  # dict -> tuple in kernel order, in one C call
+        self._by_name = (operator.itemgetter(*names) if len(names) > 1 else
+                         lambda d: tuple(d[n] for n in names))
+        self._cache: dict = {}
+        self._layout: Optional[tuple] = None  # runtime-argument kinds `_spec` was built for
+        self._spec: Optional[Callable] = None
+        self._device = self._stream = None
+        self.hits = self.misses = 0
+        self.why_slow = ""
+        if _JITFunction is None or not isinstance(jit_fn, _JITFunction):
+            self.why_slow = "not a JITFunction (Triton interpreter, autotuner, heuristics)"
+        else:
+            if _PROBE is None:
+                _PROBE = _probe_run()
+            self._options, self._hooks, self.why_slow = _PROBE
+
+    def __call__(self, grid: Sequence[int], args: Sequence[Any],
+                 constexprs: Union[tuple, Mapping[str, Any]], num_warps: int) -> None:
+        if self.why_slow or self.fn.pre_run_hooks:
+            self._normal(grid, args, constexprs, num_warps)
+            return
+        try:
+            if any(self._hooks(_knobs)):  # a profiler is listening: it needs launch_metadata
+                raise LookupError
+            consts = constexprs if type(constexprs) is tuple else self._ordered(constexprs)
+            dev = self._device()
+            key, vals = self._spec(*args, *consts)
+            run, function, packed = self._cache[dev, self._options(_knobs), num_warps, key]
+            ug = self.fn.used_global_vals
+            if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
+                raise LookupError  # a global changed: Triton raises, so let it
+            n = len(grid)  # a callable grid raises here
+            gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+        except Exception:  # first call, new key, hooks, an argument we do not cover
+            self._miss(grid, args, constexprs, num_warps)
+            return
+        self.hits += 1
+        # launch_metadata and both hooks None: what the launcher does with idle hooks anyway
+        run(gx, gy, gz, self._stream(dev), function, packed, None, None, None, *vals)
+
+    def _ordered(self, constexprs: Mapping[str, Any]) -> tuple:
+        if len(constexprs) != len(self._cnames):  # defaults or launch options: normal path
+            raise KeyError("constexprs must name every constexpr parameter, and only those")
+        return self._by_name(constexprs)
+
+    def _normal(self, grid, args, consts, num_warps: int):
+        self.misses += 1
+        if isinstance(consts, Mapping):
+            return self.fn[grid](*args, **consts, num_warps=num_warps)
+        if len(consts) != len(self._cnames):
+            raise TypeError(f"{len(consts)} constexprs given, the kernel has {self._cnames}")
+        return self.fn[grid](*args, **dict(zip(self._cnames, consts)), num_warps=num_warps)
+
+    def _miss(self, grid, args, constexprs, num_warps: int) -> None:
+        kernel = self._normal(grid, args, constexprs, num_warps)  # errors propagate, as usual
+        try:
+            consts = constexprs if type(constexprs) is tuple else self._ordered(constexprs)
+            if callable(grid) or any(self._hooks(_knobs)) or len(self._cache) >= _MAX_ENTRIES:
+                return
+            if hasattr(kernel, "result") or getattr(kernel, "function", None) is None:
+                return  # an async-compile future, or not a CompiledKernel
+            layout = tuple(map(_kind, args))
+            if self._spec is None:
+                if None in layout or len(args) + len(consts) != len(self._is_const):
+                    return
+                first = {}  # the packed qkv passed three times, placeholders: one lookup each
+                same = {i: first.setdefault(id(a), i) for i, a in enumerate(args)
+                        if layout[i] == "tensor"}
+                self._spec = _make_spec(self._is_const, layout, same)
+                self._layout = layout
+                self._device, self._stream = _device_and_stream()
+            if layout != self._layout:  # e.g. a tensor where an int was: never cache that
+                return
+            key, _ = self._spec(*args, *consts)
+            key = (self._device(), self._options(_knobs), num_warps, key)
+            self._cache[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+        except Exception:
+            pass  # the kernel ran; this key just stays on the normal path
+
+
+_MISSING = object()
+
+
+def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], int]]:
+    """(current device, raw current stream of a device): what JITFunction.run reads, minus
+    torch.cuda.current_device's Python wrapper (CUDA is initialised by the first launch)."""
+    from triton.runtime.driver import driver
+
+    return torch._C._cuda_getDevice, driver.active.get_current_stream
+
+
+def _is_constexpr(p: inspect.Parameter) -> bool:
+    # annotations are strings under `from __future__ import annotations`, else tl.constexpr
+    return "constexpr" in str(p.annotation)
+
+
+def _kind(x: Any) -> Optional[str]:
+    if isinstance(x, torch.Tensor):
+        return "tensor"
+    if type(x) is int:
+        return "int"
+    if x is None or type(x) in (float, bool):
+        return "plain"
+    return None  # tuples, tensor descriptors, numpy scalars...: left to Triton
+
+
+def _make_spec(is_const: list, layout: tuple, same: Optional[dict] = None) -> Callable:
+    """Build ``spec(*args, *constexprs) -> (key, launcher arguments in kernel order)`` for one
+    layout of runtime-argument kinds.  ``same[i] = j < i``: tensor i was tensor j when the
+    layout was seen; the code then checks ``a_i is a_j`` first (correct either way).
+    Generated code: a Python loop over ~70 arguments would cost several microseconds."""
+    same = same or {}
+    nrt = len(layout)
+    names = [f"a{i}" for i in range(len(is_const))]
+    body, key, vals = [], [], []
+    r, c = 0, nrt  # kernel order interleaves runtime args (first names) and constexprs (last)
+    for const in is_const:
+        if const:
+            a = names[c]
+            c += 1
+            key += [f"{a}.__class__", a]  # Triton keys on str(value): True, 1 and 1.0 differ
+            vals.append(a)  # the launcher takes constexprs too, and skips them
+            continue
+        i, a, kind = r, names[r], layout[r]
+        r += 1
+        if kind == "tensor":
+            tkey = "(" + _ARG_KEY[kind].format(a=a, p=f"p{i}") + ")"
+            j = same.get(i, i)
+            if j == i:
+                body.append(f"    p{i} = {a}.data_ptr()")
+            else:  # True when it is the same object as a_j, whose key is already there
+                body.append(f"    p{i} = p{j} if {a} is a{j} else {a}.data_ptr()")
+                tkey = f"{a} is a{j} or {tkey}"
+            key.append(tkey)
+            vals.append(f"p{i}")  # an int: the launcher skips data_ptr() + cuPointerGetAttribute
+        else:
+            key.append(_ARG_KEY[kind].format(a=a))
+            vals.append(a)
+    src = (f"def spec({', '.join(names)}):\n" + "".join(line + "\n" for line in body) +
+           f"    return ({', '.join(key)},), ({', '.join(vals)},)\n")
+    ns: dict = {}
+    exec(src, ns)
+    return ns["spec"]

@@ -1,0 +1,249 @@
+"""kernels/fast_launch.py on the CPU: the interpreter fallback, the cache key, the hit path.
+
+The hit path needs a compiled kernel, so here it runs against a stub JITFunction whose
+``run`` returns a fake CompiledKernel that records the low-level launch; the real launch is
+checked on the GPU by ``benchmarks/profile_launch.py``.
+"""
+import math
+
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+import kernels
+from kernels import fast_launch, triton_kernel
+from kernels.fast_launch import CachedLauncher, _make_spec
+
+HQ, HKV, D, T = 4, 2, 64, 3
+
+
+def _inputs(device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    ang = torch.rand(16, D // 2, generator=g) * 2 * math.pi
+    return dict(
+        qkv=torch.randn(T, (HQ + 2 * HKV) * D, generator=g).to(device, torch.bfloat16),
+        num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+        q_weight=torch.randn(D, generator=g).to(device),
+        k_weight=torch.randn(D, generator=g).to(device),
+        positions=torch.randint(0, 16, (T,), generator=g).to(device),
+        cos_sin_cache=torch.cat([ang.cos(), ang.sin()], -1).to(device),
+        key_cache=torch.randn(2, 4, HKV, D, generator=g).to(device, torch.bfloat16),
+        value_cache=torch.randn(2, 4, HKV, D, generator=g).to(device, torch.bfloat16),
+        slot_mapping=torch.tensor([5, 0, 7]).to(device),
+    )
+
+
+class _Capture:
+    """Stands in for fused_qkv_kernel: records what launch() passes, launches nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((grid, args, kw))
+
+
+def _bits(t):  # compare bit patterns: unwritten outputs may hold NaN
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(as_int[t.element_size()])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter path: CPU only")
+def test_interpreter_fallback_matches_normal_launch(monkeypatch):
+    assert not isinstance(triton_kernel.fused_qkv_kernel, JITFunction)  # TRITON_INTERPRET=1
+    cap = _Capture()
+    monkeypatch.setattr(triton_kernel, "fused_qkv_kernel", cap)
+    kernels.split_norm_rope_cache(**_inputs())
+    monkeypatch.undo()
+    (grid, args, kw), = cap.calls
+    kw = dict(kw)
+    num_warps = kw.pop("num_warps")
+    kern = triton_kernel.fused_qkv_kernel
+    launcher = CachedLauncher(kern)
+    assert launcher.why_slow and set(launcher._cnames) == set(kw)
+
+    def fresh():  # a copy of every storage, same views (strides, offsets, aliasing)
+        copies = {}
+
+        def copy(a):
+            st = a.untyped_storage()
+            new = copies.setdefault(st.data_ptr(), st.clone())
+            return torch.empty(0, dtype=a.dtype).set_(new, a.storage_offset(), a.size(),
+                                                      a.stride())
+        return tuple(copy(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+    ref = fresh()
+    kern[grid](*ref, **kw, num_warps=num_warps)
+    for consts in (tuple(kw[n] for n in launcher._cnames), kw):  # tuple or dict
+        got = fresh()
+        launcher(grid, got, consts, num_warps)
+        for r, g in zip(ref, got):
+            if isinstance(r, torch.Tensor):
+                assert torch.equal(_bits(r), _bits(g))
+    assert (launcher.hits, launcher.misses) == (0, 2)
+
+
+# ---- the key ---------------------------------------------------------------------------------
+
+def _spec_for(*args, consts=(True, 4)):
+    """A spec for params (runtime args..., C0: constexpr, C1: constexpr)."""
+    layout = tuple(map(fast_launch._kind, args))
+    return _make_spec([False] * len(args) + [True, True], layout)(*args, *consts)
+
+
+def test_key_tensor_dtype_and_alignment():
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    k = _spec_for(x)[0]
+    assert _spec_for(x[8:])[0] == k                      # +16 bytes: still aligned
+    assert _spec_for(torch.zeros(64, dtype=torch.bfloat16))[0] == k  # another buffer
+    assert _spec_for(x[1:])[0] != k                      # +2 bytes: misaligned
+    assert _spec_for(x[1:])[0] == _spec_for(x[9:])[0]
+    assert _spec_for(x.view(torch.float16))[0] != k      # dtype
+    assert _spec_for(x.float())[0] != k
+
+
+def _triton_int_class(v):
+    """Triton's specialisation of a Python int (python/src/specialize.cc, handle_long_type)."""
+    if v == 1:
+        return "constexpr"
+    ty = "i32" if -2**31 <= v < 2**31 else "i64" if -2**63 <= v < 2**63 else "u64"
+    return ty, v % 16 == 0
+
+
+def test_key_int_specialisation():
+    edges = [0, 1, -1, 2, 3, 15, 16, 17, 32, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16,
+             -2**31, -2**31 + 16, -2**31 - 16, -2**31 - 1, 2**63 - 16, 2**63 - 1, 2**63,
+             2**63 + 16, -2**63, -2**63 + 16, 2**64 - 16, 2**64 - 1]
+    keys = {v: _spec_for(v)[0] for v in edges}
+    for a in edges:  # equal keys -> equal Triton specialisation
+        for b in edges:
+            if keys[a] == keys[b]:
+                assert _triton_int_class(a) == _triton_int_class(b), (a, b)
+    assert keys[2] != keys[1] != keys[17] and keys[16] != keys[3]
+    assert keys[16] != keys[2**31 + 16] != keys[2**63 + 16]
+    assert _spec_for(35)[0] == keys[3] and _spec_for(2**31 - 32)[0] == keys[16]  # bounded
+
+
+def test_key_scalar_types_and_constexprs():
+    assert _spec_for(1.0)[0] == _spec_for(3.5)[0]        # fp32: value not specialised
+    assert _spec_for(1.0)[0] != _spec_for(True)[0]
+    base = _spec_for(7)[0]
+    assert _spec_for(7, consts=(False, 4))[0] != base
+    assert _spec_for(7, consts=(1, 4))[0] != base        # True == 1, but Triton tells them apart
+    assert _spec_for(7, consts=(True, 4.0))[0] != base
+    assert _spec_for(7, consts=(True, 4))[0] == base
+
+
+def test_launch_args_are_in_kernel_order_with_raw_pointers():
+    x = torch.zeros(8)
+    # kernel order: (x, C0, n, C1)
+    spec = _make_spec([False, True, False, True], ("tensor", "int"))
+    _, vals = spec(x, 5, "c0", "c1")
+    assert vals == (x.data_ptr(), "c0", 5, "c1")
+
+
+def test_aliased_tensors_are_checked_every_call():
+    """Built when args 0 and 1 were one tensor (packed qkv); later calls may differ."""
+    spec = _make_spec([False, False], ("tensor", "tensor"), {0: 0, 1: 0})
+    x, z = torch.zeros(32), torch.zeros(32)
+    k_same, vals = spec(x, x)
+    assert vals == (x.data_ptr(), x.data_ptr())
+    k_two, vals = spec(x, z)
+    assert vals == (x.data_ptr(), z.data_ptr()) and k_two != k_same
+    assert spec(x, torch.zeros(8))[0] == k_two
+    assert spec(x, z[1:])[0] != k_two and spec(x, z.double())[0] != k_two
+
+
+# ---- the hit path, against a stub CompiledKernel --------------------------------------------
+
+def _stub_kernel(x, n, f, C0: tl.constexpr, C1: tl.constexpr):
+    pass
+
+
+class _FakeCompiled:
+    function, packed_metadata = 1234, (4, 1, 0)
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *a):
+        self.launches.append(a)
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    jf = JITFunction(_stub_kernel)
+    compiled = _FakeCompiled()
+    normal = []
+
+    def run(*args, grid, warmup, **kw):
+        normal.append((grid, args, kw))
+        return compiled
+
+    jf.run = run
+    monkeypatch.setattr(fast_launch, "_device_and_stream", lambda: (lambda: 0, lambda dev: 77))
+    return jf, compiled, normal
+
+
+def test_hit_path_calls_the_launcher_like_jit_run(stub):
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    assert launch.why_slow == ""
+    x = torch.zeros(32)
+    launch((2, 3), (x, 48, 0.5), (True, 8), 4)
+    assert normal == [((2, 3), (x, 48, 0.5), dict(C0=True, C1=8, num_warps=4))]
+    assert compiled.launches == []
+    launch((5,), (x, 64, 1.5), {"C1": 8, "C0": True}, 4)  # same key: the low-level launcher
+    assert len(normal) == 1 and (launch.hits, launch.misses) == (1, 1)
+    assert compiled.launches == [(5, 1, 1, 77, 1234, (4, 1, 0), None, None, None,
+                                  x.data_ptr(), 64, 1.5, True, 8)]
+    for args, consts, warps in [((x[1:], 48, 0.5), (True, 8), 4),  # misaligned
+                                ((x, 1, 0.5), (True, 8), 4),       # int == 1
+                                ((x, 48, 0.5), (True, 9), 4),      # constexpr
+                                ((x, 48, 0.5), (True, 8), 8)]:     # num_warps
+        launch((1,), args, consts, warps)
+        assert len(normal) == 1 + launch.misses - 1
+    assert launch.misses == 5
+    launch((1,), (x[1:], 48, 0.5), (True, 8), 4)  # now cached too
+    assert launch.misses == 5
+
+
+def test_normal_path_when_hooks_grid_or_types_say_so(stub):
+    from triton import knobs
+
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x = torch.zeros(32)
+    args, consts = (x, 48, 0.5), (True, 8)
+    launch((1,), args, consts, 4)
+    launch((1,), args, consts, 4)
+    assert launch.hits == 1
+
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch((1,), args, consts, 4)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    jf.add_pre_run_hook(lambda *a, **k: None)
+    launch((1,), args, consts, 4)
+    jf.pre_run_hooks.clear()
+    launch(lambda meta: (1,), args, consts, 4)   # callable grid
+    launch((1,), (x, 48, 2), consts, 4)          # an int where a float was
+    launch((1,), (x, x, 0.5), consts, 4)         # a tensor where an int was: never cached
+    launch((1,), (x, x, 0.5), consts, 4)
+    assert launch.hits == 1 and launch.misses == 7
+    launch((1,), args, consts, 4)
+    assert launch.hits == 2 and len(launch._cache) == 1
+
+
+def test_probe_refuses_an_unknown_launch_call():
+    import inspect
+
+    src = inspect.getsource(JITFunction.run)
+    assert fast_launch._probe_run(src)[2] == ""
+    changed = src.replace("*bound_args.values())", "*non_constexpr_vals)")
+    assert "launches differently" in fast_launch._probe_run(changed)[2]
+    extra = src.replace('kwargs["debug"]', 'x = knobs.runtime.new_thing\n        kwargs["debug"]')
+    assert "knobs we do not handle" in fast_launch._probe_run(extra)[2]
