@@ -1,8 +1,8 @@
 """The fused Triton kernel: split -> per-head RMSNorm -> RoPE -> paged KV-cache write.
 
 One launch does everything.  The grid is ``(token tiles, head tiles)`` where the head tiles
-enumerate, in order, the Q heads, the K heads, the V heads and the gate heads; a program
-handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one region.
+enumerate, in order, the Q heads (with their gate, if any), the K heads and the V heads; a
+program handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one region.
 
 Why this shape: the op is purely memory-bound, each byte is read once and written once or
 twice, and every (token, head) row is independent except for the norm's reduction over D,
@@ -249,13 +249,23 @@ def fused_qkv_kernel(
     Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
     if pid_h < NQB:
         t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
-        tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
-        y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d, j, e,
-                                q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
-                                tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX, EXPANDED,
-                                SPLIT)
-        _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
-              SPLIT, HAS_TAIL, INTERP)
+        if WRITE_G:  # the gate of the same heads: its load in flight while Q is computed
+            m = rmask[:, None] & dm[None, :]
+            if GATE == 1:
+                gcol = q_col + h * (2 * D) + D
+            else:
+                gcol = q_col + HQ * D + h * D
+            g = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=m)
+        if WRITE_Q:
+            tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+            y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d,
+                                    j, e, q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
+                                    tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX,
+                                    EXPANDED, SPLIT)
+            _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
+                  SPLIT, HAS_TAIL, INTERP)
+        if WRITE_G:
+            tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], g, mask=m)
     elif pid_h < NQB + NKB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
@@ -288,16 +298,6 @@ def fused_qkv_kernel(
         if HAS_CACHE:
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
-    elif WRITE_G:  # (not a plain else: g_out must not look written when it is not)
-        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
-                                 BLOCK_H)
-        m = rmask[:, None] & dm[None, :]
-        if GATE == 1:
-            gcol = q_col + h * (2 * D) + D
-        else:
-            gcol = q_col + HQ * D + h * D
-        x = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=m)
-        tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], x, mask=m)
 
 
 _BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps) forced by the tuning script only
@@ -366,13 +366,13 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         (block_t, block_h, num_warps), block_d = override, _pow2(d)
     else:
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
-    nqb = _cdiv(hq, block_h) if write_q else 0
+    # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
+    nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
     nkb = _cdiv(hkv, block_h) if run_k else 0
     nvb = _cdiv(hkv, block_h) if run_v else 0
-    ngb = _cdiv(hq, block_h) if write_gate else 0
-    if nqb + nkb + nvb + ngb == 0:
+    if nqb + nkb + nvb == 0:
         return None
-    return TilePlan(block_t, nqb + nkb + nvb + ngb, num_warps, dict(
+    return TilePlan(block_t, nqb + nkb + nvb, num_warps, dict(
         NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim)))
 
