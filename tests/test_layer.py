@@ -1,0 +1,75 @@
+"""FusedQKVLayer: the op bound to one layer equals the entry point, and still validates."""
+import pytest
+import torch
+
+import kernels
+from kernels import layer as layer_mod
+from kernels.layer import FusedQKVLayer
+
+from .conftest import DEVICES
+
+
+def _inputs(device, t, hq=4, hkv=2, d=64, nb=6, bs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(device, torch.bfloat16)
+    pos = torch.randint(0, 32, (t,), generator=g).to(device)
+    slots = torch.randperm(nb * bs, generator=g)[:t].to(device)
+    return qkv, pos, slots
+
+
+def _bound(device, hq=4, hkv=2, d=64, nb=6, bs=4):
+    g = torch.Generator().manual_seed(1)
+    ang = torch.rand(32, d // 2, generator=g) * 6.28
+    table = torch.cat([ang.cos(), ang.sin()], -1).to(device)
+    caches = [torch.randn(nb, bs, hkv, d, generator=g).to(device, torch.bfloat16)
+              for _ in range(2)]
+    return dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=1e-6,
+                q_weight=torch.randn(d, generator=g).to(device, torch.bfloat16),
+                k_weight=torch.randn(d, generator=g).to(device, torch.bfloat16),
+                cos_sin_cache=table, key_cache=caches[0], value_cache=caches[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_equals_entry_point_over_steps(device, monkeypatch):
+    kw = _bound(device)
+    ref_kw = {k: (v.clone() if k.endswith("cache") and k != "cos_sin_cache" else v)
+              for k, v in kw.items()}
+    layer = FusedQKVLayer(**kw)
+    full_calls = []
+    real = layer_mod.split_norm_rope_cache
+    monkeypatch.setattr(layer_mod, "split_norm_rope_cache",
+                        lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    for step, t in enumerate((5, 1, 3, 1)):
+        qkv, pos, slots = _inputs(device, t, seed=step)
+        got = layer(qkv, pos, slots)
+        want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **ref_kw)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert torch.equal(kw["key_cache"], ref_kw["key_cache"])
+        assert torch.equal(kw["value_cache"], ref_kw["value_cache"])
+    assert len(full_calls) == 1, "only the first call should take the validated path"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_still_rejects_bad_inputs(device):
+    kw = _bound(device)
+    layer = FusedQKVLayer(**kw)
+    qkv, pos, slots = _inputs(device, 3)
+    layer(qkv, pos, slots)
+    before = kw["key_cache"].clone()
+    with pytest.raises(ValueError, match="positions"):
+        layer(qkv, pos.float(), slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        layer(qkv, pos, slots[:2])
+    with pytest.raises(ValueError, match="qkv"):
+        layer(qkv[:, :-1], pos, slots)
+    assert torch.equal(kw["key_cache"], before), "a rejected call wrote the cache"
+
+
+def test_layer_binding_errors():
+    kw = _bound("cpu")
+    with pytest.raises(TypeError, match="positions"):
+        FusedQKVLayer(positions=torch.zeros(1), **kw)
+    kw.pop("key_cache")
+    with pytest.raises(ValueError, match="key_cache"):
+        FusedQKVLayer(**kw)
