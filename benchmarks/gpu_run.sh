@@ -2,6 +2,7 @@
 # One device call: GPU tests, tuning sweep, launch profile, benchmark; logs under $OUT.
 #   TESTS="tests/..." (default: all; "none": skip)   BENCH="--quick ..." (unset: no benchmark)
 #   TUNE="--tokens ..." (unset: no sweep)            PROFILE=1 (host-overhead profile)
+#   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -11,6 +12,11 @@ TESTS=${TESTS:-tests}
 if [ "$TESTS" != "none" ]; then
   timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS -rf 2>&1 \
     | tail -${TEST_TAIL:-30} | tee "$OUT/gpu_tests.txt"
+fi
+if [ -n "${LAUNCH_CHECK:-}" ]; then
+  [ "$LAUNCH_CHECK" = 1 ] && LAUNCH_CHECK=""
+  timeout 300 python3 benchmarks/check_inductor_launch.py --mode cuda $LAUNCH_CHECK 2>&1 \
+    | grep -v "^W1\|^  warn" | tee "$OUT/check_inductor_launch.txt"
 fi
 if [ -n "${PROFILE:-}" ]; then
   timeout 120 python3 benchmarks/profile_launch.py 2>&1 | tee "$OUT/profile_launch.txt"

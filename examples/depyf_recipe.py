@@ -5,7 +5,10 @@
 compiles a small vLLM-style attention layer (packed QKV projection, per-head RMSNorm on Q
 and K, NeoX RoPE from ``cos_sin_cache[positions]``, paged KV-cache write) with the pass under
 ``depyf.prepare_debug(DUMP_DIR)``, then lists the dumped files and prints the lines that call
-``fused_qkv.split_norm_rope*``.  depyf (0.20, torch 2.13) writes, per compiled graph N:
+``fused_qkv.split_norm_rope*`` (the custom op: on the CPU, or with ``inductor_launch=False``) or
+launch ``fused_qkv_inductor_kernel`` (on CUDA Inductor's code launches the Triton kernel itself;
+the post-grad graph then holds a ``triton_kernel_wrapper_functional`` node instead of the op).
+depyf (0.20, torch 2.13) writes, per compiled graph N:
 
     __transformed_code_0_for_<fn>.py        the bytecode Dynamo produced, decompiled
     full_code_for_<fn>_0.py                 everything below, in one readable file
@@ -32,7 +35,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 import fusion_pass  # noqa: E402
 
-FUSED = "fused_qkv.split_norm_rope"  # matches split_norm_rope_cache too
+# the custom op (matches split_norm_rope_cache too), and the kernel Inductor launches on CUDA
+FUSED = ("fused_qkv.split_norm_rope", "fused_qkv_inductor_kernel")
 
 
 class QKNormRopeCache(torch.nn.Module):
@@ -103,7 +107,7 @@ def dump_with_depyf(dump_dir, device: str = "cpu"):
             lines = p.read_text(errors="replace").splitlines()
         except OSError:
             continue
-        found = [ln.strip() for ln in lines if FUSED in ln]
+        found = [ln.strip() for ln in lines if any(f in ln for f in FUSED)]
         if found:
             hits[str(p.relative_to(dump_dir))] = found
     return files, hits, backend.report
@@ -118,7 +122,7 @@ def main(argv=None):
     print(f"\ndepyf dumped {len(files)} file(s) into {dump_dir}/:")
     for p in files:
         print("   ", p.relative_to(dump_dir.resolve()))
-    print(f"\nlines calling {FUSED}*:")
+    print(f"\nlines calling {' or '.join(FUSED)}*:")
     for name, lines in hits.items():
         print(f"  {name}:")
         for ln in lines:

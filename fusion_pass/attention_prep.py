@@ -6,7 +6,9 @@ Steps, each a small matcher of its own module:
 3. ``match_split`` decodes which projection columns the head tensor reads (by strides);
 4. ``match_cache`` decodes every ``index_put`` cache write; K writes are the ones whose value
    is a rope output, V writes the ones whose value is a projection view;
-5. ropes sharing cos/sin are paired into Q and K, guards run, and ``rewrite`` inserts one op.
+5. ropes sharing cos/sin are paired into Q and K, guards run, and one fused call goes in: on
+   CUDA a launch of the Triton kernel by Inductor's own code (``inductor_launch``), else (or
+   with ``inductor_launch=False``) the custom op (``rewrite``).
 Longest chain first: with a cache write when there is one (``split_norm_rope_cache``), else the
 partial fusion without it (``split_norm_rope``).  Rope-before-norm (HunYuan) and norms over the
 whole projection (OLMo2) are not this op and are reported as rejected.
@@ -23,7 +25,7 @@ from torch.fx import Graph, Node
 
 from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
-from . import guards, token_order
+from . import guards, inductor_launch, token_order
 from .graph_util import (aten, fake_mode_of, is_cast, is_op, is_view_node, same_sym, same_value,
                          tensor_val, view_input)
 from .guards import GuardFailure
@@ -310,7 +312,7 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
     else:
         partial_reason = "cache fusion is turned off (fuse_cache=False)"
     try:
-        op_name = _rewrite(graph, fake_mode, q, k, vw, gate, d)
+        op_name = _rewrite(graph, fake_mode, q, k, vw, gate, d, opts)
     except (LookupError, ValueError, LayoutError) as e:
         report.add(Candidate(gid, name, forms, "rejected", f"rewrite: {e}", "rewrite"))
         return 0
@@ -348,13 +350,14 @@ def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int
     guards.dtypes([v_root, k.src.root])
 
 
-def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str:
+def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int,
+             opts: FusionOptions) -> str:
     outs_q = q.rope.out
     anchor = _insertion_point(graph, [q.rope.out, k.rope.out] +
                               ([k.cache.index_put, vw[0].index_put] if vw else []))
     b = Builder(graph, fake_mode, anchor, q.rope.out.meta.get("stack_trace"))
     try:
-        return _build(b, q, k, vw, gate, d, fake_mode, outs_q)
+        return _build(b, q, k, vw, gate, d, outs_q, opts)
     except Exception:
         for n in reversed(b.created):  # leave the graph as it was
             if not n.users:
@@ -362,7 +365,8 @@ def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int) -> str
         raise
 
 
-def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, outs_q) -> str:
+def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, outs_q,
+           opts: FusionOptions) -> str:
     # sizes come from views of the projections only: never keep the unfused chain alive
     providers = [q.src.root, k.src.root, q.src.raw, k.src.raw]
     q_src = b.rows2d(q.src.root)
@@ -391,23 +395,50 @@ def _build(b: Builder, q: Chain, k: Chain, vw, gate: int, d: int, fake_mode, out
         op = torch.ops.fused_qkv.split_norm_rope_cache.default
         args = head + (None, None, slots, k.cache.layout, False, k.cache.kv_cache_dtype,
                        k.cache.scale, w.scale, True, write_k, False, False)
-        af, outs, new_bases = call_fused_with_cache(b, op, args, kc, vc)
+        outs, new_bases, op_name = _call(b, op, args, opts, kc, vc)
         replace_cache_chain(b, k.cache, new_bases[id(k.cache.base)])
         replace_cache_chain(b, w, new_bases[id(w.base)])
         for cw in (k.cache, w):
             cw.copy_node.replace_input_with(cw.copy_node.args[1], new_bases[id(cw.base)])
-        op_name = "fused_qkv.split_norm_rope_cache"
     else:
         head = head[:2] + (k_src,) + head[3:5] + (k.src.layout.col,) + head[6:]
         op = torch.ops.fused_qkv.split_norm_rope.default
-        _, outs = call_fused(b, op, head + (True, write_k, False, False))
-        op_name = "fused_qkv.split_norm_rope"
+        outs, _, op_name = _call(b, op, head + (True, write_k, False, False), opts)
     new_q = b.to_head_tensor(outs[0], outs_q, q.src.layout, providers)
     rewire(b, outs_q, new_q)
     if write_k:
         new_k = b.to_head_tensor(outs[1], k.rope.out, k.src.layout, providers)
         rewire(b, k.rope.out, new_k, k_users)
     return op_name
+
+
+def _call(b: Builder, op, args: tuple, opts: FusionOptions, kc: Optional[dict] = None,
+          vc: Optional[dict] = None) -> tuple:
+    """Insert the fused call (with the caches ``kc``/``vc``, or without):
+    ``(outs[4], {id(cache base): new base}, the report's op name)``.
+
+    With ``opts.inductor_launch``, Inductor's generated code launches the Triton kernel itself
+    (no Python of ours per call: ``inductor_launch``); where that path cannot be used (CPU,
+    Triton's interpreter, ...) the custom op, through ``auto_functionalized_v2``."""
+    if opts.inductor_launch:
+        try:
+            if kc is None:
+                _, outs = inductor_launch.call_fused(b, op, args)
+                return outs, {}, inductor_launch.OP_NAME
+            _, outs, new_bases = inductor_launch.call_fused_with_cache(b, op, args, kc, vc)
+            return outs, new_bases, inductor_launch.OP_NAME
+        except inductor_launch.Unsupported as e:
+            if tensor_val(args[0]).device.type == "cuda":  # elsewhere the custom op is the plan
+                log.debug("Inductor launch not used, custom op instead: %s", e)
+        except Exception as e:  # a bug there must not cost the fusion: the custom op still works
+            log.warning("Inductor launch failed, custom op instead: %s: %s", type(e).__name__, e,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+    name = f"fused_qkv.{op._schema.name.split('::')[-1]}"
+    if kc is None:
+        _, outs = call_fused(b, op, args)
+        return outs, {}, name
+    _, outs, new_bases = call_fused_with_cache(b, op, args, kc, vc)
+    return outs, new_bases, name
 
 
 def _insertion_point(graph: Graph, nodes) -> Node:

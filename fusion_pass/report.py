@@ -40,8 +40,9 @@ class Candidate:
         guard: the check that failed: a guard of :mod:`fusion_pass.guards` (``eps``,
             ``head_dim``, ``device``, ...), or ``match``/``order``/``pairing``/``cache``/
             ``rewrite`` for chains that are not this op or could not be rewritten.
-        op: the fused op call inserted (``fused_qkv.split_norm_rope_cache`` or
-            ``fused_qkv.split_norm_rope``).
+        op: the fused call inserted: ``fused_qkv_inductor_kernel (Inductor launch)`` when
+            Inductor's code launches the Triton kernel itself (CUDA, the default), else the
+            custom op, ``fused_qkv.split_norm_rope_cache`` or ``fused_qkv.split_norm_rope``.
     """
 
     graph: int

@@ -1,6 +1,7 @@
 """Compile a model form with the pass and prove both the rewrite and the numerics."""
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -8,12 +9,19 @@ from torch._inductor.utils import run_and_get_code
 
 import fusion_pass
 from fusion_pass.graph_util import aten
+from fusion_pass.inductor_launch import OP_NAME as INDUCTOR_LAUNCH
 
 from .model_forms import build, clone_args, to_float64
 from .numerics import assert_spec_close
 
 FUSED_CACHE = "fused_qkv.split_norm_rope_cache"
 FUSED_NOCACHE = "fused_qkv.split_norm_rope"
+# Inductor's own launch of the kernel in the generated code (FusionOptions.inductor_launch).
+LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")
+NOCACHE_RE = re.compile(r"fused_qkv\.split_norm_rope(?!_cache)")
+# On CUDA with inductor_launch on (the default), every fused chain must use the Inductor
+# launch; REQUIRE_INDUCTOR_LAUNCH=0 accepts the custom op too (the code must match the report).
+REQUIRE_INDUCTOR_LAUNCH = os.environ.get("REQUIRE_INDUCTOR_LAUNCH", "1") != "0"
 
 
 class RecordingPass(fusion_pass.FusionPass):
@@ -55,19 +63,52 @@ def assert_numerics(fn, args, out, args_before):
             assert_spec_close(a, e, x, f"cache arg {i}")
 
 
+def assert_fused_code(code: str, report, *, cache: bool, device: str,
+                      inductor_launch: bool = True) -> None:
+    """The generated code calls what the pass inserted, once per fused chain in the report.
+
+    On CUDA with ``inductor_launch`` (the default) the chains must use the Inductor launch
+    (unless ``REQUIRE_INDUCTOR_LAUNCH=0``): ``fused_qkv_inductor_kernel`` launched by the code
+    and no ``fused_qkv`` custom op called; elsewhere the custom op, with the cache write
+    (``cache``) or without."""
+    fused = report.fused
+    assert fused, f"nothing fused:\n{report}"
+    launched = [c for c in fused if c.op == INDUCTOR_LAUNCH]
+    if not (device == "cuda" and inductor_launch):
+        assert not launched, f"Inductor launch used where it must not be:\n{report}"
+    elif REQUIRE_INDUCTOR_LAUNCH:
+        assert len(launched) == len(fused), f"not every chain uses the Inductor launch " \
+            f"(the fusion_pass DEBUG log says why):\n{report}"
+    want = "fused" if cache else "fused-partial"
+    assert all(c.status == want for c in fused), f"expected {want} chains:\n{report}"
+    n = len(LAUNCH_RE.findall(code))
+    assert n >= len(launched), f"{n} kernel launch(es) in the code for {len(launched)}:\n{report}"
+    ops = len(fused) - len(launched)
+    if ops == 0:
+        assert "torch.ops.fused_qkv" not in code, f"a fused_qkv custom op is called:\n{report}"
+        return
+    got = code.count(FUSED_CACHE) if cache else len(NOCACHE_RE.findall(code))
+    assert got >= ops, f"{FUSED_CACHE if cache else FUSED_NOCACHE} not in the code:\n{report}"
+    if not cache:
+        assert FUSED_CACHE not in code, f"{FUSED_CACHE} in the code:\n{report}"
+
+
 def check_fused(form, *, expect=FUSED_CACHE, dynamic=False, **options):
     """Compile, then assert the op replaced the chain and the numbers are right."""
     fn, args0 = build(form)
     before = clone_args(args0)
     args, out, code, fpass = _run(fn, args0, dynamic, **options)
     report = fpass.report
-    assert report.fused, f"nothing fused:\n{report}"
-    assert expect in code, f"{expect} not in generated code:\n{report}"
+    assert_fused_code(code, report, cache=expect == FUSED_CACHE, device=form.device,
+                      inductor_launch=options.get("inductor_launch", True))
     targets = set().union(*fpass.graphs)
     assert aten.rsqrt.default not in targets, "an unfused norm is left"
     if expect == FUSED_CACHE:
         assert aten.index_put.default not in targets, "an unfused cache write is left"
         assert_no_cache_copy(code, args)
+        if LAUNCH_RE.search(code):  # the kernel writes the cache inputs: no clone, no copy back
+            copies = re.findall(r".*(?:\bclone\(|clone_preserve_strides|\.copy_\().*", code)
+            assert not copies, f"a clone/copy in the generated code: {copies[:3]}"
     assert_numerics(fn, args, out, before)
     return report, code
 

@@ -1,11 +1,22 @@
-"""The pass on the GPU: real Triton kernel, CUDA tensors, CUDA graphs (reduce-overhead)."""
+"""The pass on the GPU: real Triton kernel, CUDA tensors, CUDA graphs (reduce-overhead).
+
+By default (``inductor_launch=True``) Inductor's generated code launches the kernel itself:
+``check_fused`` requires ``fused_qkv_inductor_kernel`` launched, no ``fused_qkv`` custom op
+called and no cache copied (``REQUIRE_INDUCTOR_LAUNCH=0`` accepts the custom op as well).
+"""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fusion_pass
 
-from .model_forms import Form, build, clone_args
-from .pass_check import FUSED_CACHE, assert_numerics, check_fused
+from .model_forms import Form, build
+from .pass_check import (FUSED_CACHE, FUSED_NOCACHE, INDUCTOR_LAUNCH, LAUNCH_RE,
+                         REQUIRE_INDUCTOR_LAUNCH, check_fused)
 
 pytestmark = pytest.mark.gpu
 
@@ -28,6 +39,21 @@ def test_pass_fuses_on_cuda(kw):
 
 def test_pass_dynamic_tokens_on_cuda():
     check_fused(Form(device="cuda"), dynamic=True)
+
+
+def test_no_cache_on_cuda():
+    check_fused(Form(device="cuda", cache="none", return_k=True), expect=FUSED_NOCACHE)
+    check_fused(Form(device="cuda", cache="none", return_k=True), expect=FUSED_NOCACHE,
+                dynamic=True)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cache="none", return_k=True)], ids=["cache", "none"])
+def test_inductor_launch_off_uses_custom_op(kw):
+    """``inductor_launch=False``: the custom op, as before the Inductor launch existed."""
+    expect = FUSED_NOCACHE if kw else FUSED_CACHE
+    report, code = check_fused(Form(device="cuda", **kw), expect=expect, inductor_launch=False)
+    assert {c.op for c in report.fused} == {expect}, str(report)
+    assert not LAUNCH_RE.search(code)
 
 
 class _Layer(torch.nn.Module):
@@ -67,4 +93,28 @@ def test_reduce_overhead_cuda_graphs_fused_and_correct():
             torch.testing.assert_close(out[0].float(), eager[0].float(), atol=0.07, rtol=0.02)
             torch.testing.assert_close(layer.kc.float(), ref.kc.float(), atol=0.07, rtol=0.02)
     assert be.report.fused, str(be.report)
+    if REQUIRE_INDUCTOR_LAUNCH:
+        assert {c.op for c in be.report.fused} == {INDUCTOR_LAUNCH}, str(be.report)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_fx_graph_cache_hit_in_fresh_process_cuda(tmp_path):
+    """Second process: an FX-graph-cache hit (the pass does not run) whose code still launches
+    the fused kernel, with correct results; the launch path must not bypass the cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-m", "tests.fx_cache_script", "cuda"], cwd=root,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["miss"] >= 1 and first["pass_ran"] and first["fused_in_code"], first
+    assert first["bypass"] == 0, "the pass made Inductor bypass the FX graph cache"
+    if REQUIRE_INDUCTOR_LAUNCH:
+        assert first["inductor_launch"] and second["inductor_launch"], runs
+    assert second["hit"] >= 1 and not second["pass_ran"], second
+    assert second["fused_in_code"]
+    assert second["max_err_q"] < 0.1 and second["max_err_cache"] < 0.1

@@ -64,6 +64,23 @@ def test_uuid_is_stable_and_depends_on_options():
     a, b = fusion_pass.FusionPass(), fusion_pass.FusionPass()
     assert a.uuid() == b.uuid()
     assert a.uuid() != fusion_pass.FusionPass(fuse_cache=False).uuid()
+    assert a.uuid() != fusion_pass.FusionPass(inductor_launch=False).uuid()
+
+
+def test_inductor_launch_failure_falls_back_to_custom_op(monkeypatch, caplog):
+    """A bug in the Inductor-launch builder costs the launch path, not the fusion."""
+    from fusion_pass import inductor_launch
+
+    from .pass_check import FUSED_CACHE, check_fused
+
+    def boom(*a, **k):
+        raise RuntimeError("launch builder exploded")
+
+    monkeypatch.setattr(inductor_launch, "call_fused_with_cache", boom)
+    with caplog.at_level("WARNING", logger="fusion_pass"):
+        report, _ = check_fused(Form())
+    assert report.fused[0].op == FUSED_CACHE and not report.errors, str(report)
+    assert "launch builder exploded" in caplog.text
 
 
 def test_two_models_and_recompile_on_new_shapes():

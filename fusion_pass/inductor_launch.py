@@ -1,0 +1,512 @@
+"""Let Inductor's generated code launch the fused Triton kernel itself (CUDA).
+
+Without this the pass inserts ``auto_functionalized_v2(fused_qkv.split_norm_rope_cache, ...)``
+(rewrite.py) and Inductor calls the custom op, whose Python impl allocates the outputs and
+launches the kernel: Python of ours on every call.  Here the pass inserts instead what Dynamo
+itself produces for a user ``@triton.jit`` kernel that mutates a graph input:
+
+    empty = aten.empty.memory_format([T, H, D], ...)              # one per written output
+    out = triton_kernel_wrapper_functional(kernel_idx, constant_args_idx, grid=[(gx, gy, 1)],
+              tma_descriptor_metadata={}, kwargs={<every kernel arg by name>},
+              tensors_to_clone=["k_base", "v_base", "q_out", ...])
+    new_k_base = out["k_base"]; q = out["q_out"]; ...
+    copy_(key_cache_input, new_k_base)                            # the existing epilogue
+
+Inductor's own passes do the rest (torch 2.11 and 2.13): ``reinplace`` drops every clone (the
+caches are graph inputs with an epilogue ``copy_``, the outputs are fresh ``empty`` nodes),
+``decompose_triton_kernel_wrapper_functional`` turns the node into
+``triton_kernel_wrapper_mutation``, lowered to ``ir.UserDefinedTritonKernel``: the wrapper code
+calls ``fused_qkv_inductor_kernel_N.run(...)`` directly (inside the CUDA graph with
+``reduce-overhead``).
+
+Why a trampoline kernel (``fused_qkv_inductor_kernel``) around ``fused_qkv_kernel``:
+
+* reinplacing a ``triton_kernel_wrapper_functional`` only works when the mutated tensor IS a
+  graph input (torch 2.11 refuses any view of an input; 2.13 accepts views for aten
+  inplaceable ops only), so the kernel takes the cache *base* and an element offset
+  (``k_off``/``v_off``): the halves of one ``kv_cache[2, ...]`` are one base, passed once
+  (``V_IN_K_BASE``), since two mutated args on one storage would get one of them cloned;
+* a ``uint8`` cache holding fp8 bytes cannot be re-viewed in the graph (the view would be
+  cloned too): the trampoline bitcasts the pointer (``CACHE_FP8``);
+* Inductor types Python float kernel args as fp64 (``config._use_fp64_for_unbacked_floats``,
+  on outside fbcode), which would turn the norm math into fp64: ``eps`` and
+  ``weight_offset`` become constexprs (``EPS``, ``W_OFF``).
+
+What Inductor believes the kernel writes comes from its TTIR analysis, not from
+``tensors_to_clone``: a pointer it wrongly counts as written becomes a mutated buffer, and a
+mutated *graph input* makes CUDA-graph trees skip the graph.  The kernel is written for that
+analysis (slots are loaded in the kernel body, the gate branch exists only with ``WRITE_G``);
+``_check_writes`` runs the same analysis at pass time and refuses (-> custom op) if a change
+to the kernel ever breaks it.  The node also carries ``eager_input_vals`` so the lowering pins
+every input to the strides the kernel's stride arguments were computed from.
+
+Entry points (drop-ins for ``rewrite.call_fused_with_cache`` / ``call_fused``, same arguments):
+
+    call_fused_with_cache(b, op, args, kc, vc) -> (node, outs[4], {id(base): new_base_node})
+    call_fused(b, op, args) -> (node, outs[4])
+
+``outs[i]`` is None for an output the kernel does not write.  Both raise :class:`Unsupported`
+(a ``ValueError``), leaving the graph as it was, when this path cannot be used (not CUDA,
+Triton's interpreter, static T == 0, a symbolic value no node provides, a changed kernel or
+HOP signature, an inexact write analysis...): the pass then inserts the custom op.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx import Node
+
+from kernels import triton_kernel as _tk
+from kernels.op_schema import GATE_NONE, LAYOUT_NHD, fp8_dtype_of
+from kernels.triton_kernel import fused_qkv_kernel
+
+from .graph_util import is_view_node, same_sym, tensor_val, view_input
+
+#: The report's op name for a chain fused through this path (the kernel's name in the code).
+OP_NAME = "fused_qkv_inductor_kernel (Inductor launch)"
+
+
+class Unsupported(ValueError):
+    """This graph / op call cannot use the Inductor launch path (the message says why)."""
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+# fused_qkv_kernel's parameters as this trampoline was written against (checked at use).
+WRAPPED_ARGS = (
+    "q_src", "k_src", "v_src", "q_src_stride", "k_src_stride", "v_src_stride", "q_col",
+    "k_col", "v_col", "q_w", "k_w", "eps", "w_off", "cos_ptr", "sin_ptr", "cos_stride",
+    "sin_stride", "pos_ptr", "table_rows", "q_out", "k_out", "v_out", "g_out", "k_cache",
+    "v_cache", "slot_ptr", "block_size", "num_slots", "kc_blk", "kc_slot", "kc_head", "vc_blk",
+    "vc_slot", "vc_head", "k_scale", "v_scale", "T", "HQ", "HKV", "D", "R", "GATE",
+    "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX", "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG",
+    "IS_FP8", "HAS_KS", "HAS_VS", "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G", "NQB",
+    "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "INTERP",
+)
+
+
+@triton.jit
+def fused_qkv_inductor_kernel(
+    q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride, q_col, k_col, v_col,
+    q_w, k_w,
+    cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
+    q_out, k_out, v_out, g_out,
+    k_base, v_base, k_off, v_off, slot_ptr, block_size, num_slots,
+    kc_blk, kc_slot, kc_head, vc_blk, vc_slot, vc_head,
+    k_scale, v_scale, T,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr,
+    HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
+    WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
+    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, INTERP: tl.constexpr,
+    EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
+):
+    """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset)."""
+    k_cache = k_base + k_off
+    if V_IN_K_BASE:  # K and V halves of one tensor: one mutated argument
+        v_cache = k_base + v_off
+    else:
+        v_cache = v_base + v_off
+    if CACHE_FP8 == 1:  # uint8 storage holding float8_e4m3fn
+        k_cache = k_cache.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+        v_cache = v_cache.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
+    elif CACHE_FP8 == 2:  # uint8 storage holding float8_e5m2
+        k_cache = k_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
+        v_cache = v_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
+    fused_qkv_kernel(
+        q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
+        k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col, k_col=k_col,
+        v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+        cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride, sin_stride=sin_stride,
+        pos_ptr=pos_ptr, table_rows=table_rows,
+        q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
+        k_cache=k_cache, v_cache=v_cache, slot_ptr=slot_ptr, block_size=block_size,
+        num_slots=num_slots, kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head, vc_blk=vc_blk,
+        vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale, v_scale=v_scale, T=T,
+        HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE, HAS_NORM=HAS_NORM, HAS_QW=HAS_QW, HAS_KW=HAS_KW,
+        IS_NEOX=IS_NEOX, EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE,
+        SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
+        WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
+        NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, INTERP=INTERP,
+    )
+
+
+_CACHE_FP8 = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+
+# Device types whose graphs may use this path.  Only CUDA runs it; the CPU check script adds
+# "cpu" to inspect Inductor's generated code on a machine without a GPU (it cannot run it).
+DEVICES = {"cuda"}
+# Accept Triton's interpreter (TRITON_INTERPRET=1) kernels: only for the CPU check script, which
+# runs the post-grad graph eagerly (the HOP's dense impl launches the interpreted kernel).
+ALLOW_INTERPRETER = False
+# Compare Inductor's TTIR write analysis of the kernel with what it really writes (see
+# _check_writes).  Off only for the interpreter check (no TTIR for interpreted kernels).
+CHECK_WRITES = True
+
+# The HOP's arguments in torch 2.11 to 2.13 (the node this module builds by hand).
+_HOP_PARAMS = ("kernel_idx", "constant_args_idx", "grid", "tma_descriptor_metadata", "kwargs",
+               "tensors_to_clone")
+
+
+@functools.lru_cache(maxsize=None)
+def _hop_params() -> tuple:
+    from torch._higher_order_ops.triton_kernel_wrap import TritonKernelWrapperFunctional
+
+    return tuple(p for p in inspect.signature(TritonKernelWrapperFunctional.__call__).parameters
+                 if p != "self")
+
+
+def supported(device: torch.device) -> tuple[bool, str]:
+    """Can graphs on ``device`` use this path?  Returns ``(ok, reason when not)``."""
+    if device.type not in DEVICES:
+        return False, f"device {device.type}: Inductor launches user Triton kernels on CUDA only"
+    jit = triton.runtime.jit.JITFunction
+    if not (isinstance(fused_qkv_kernel, jit) and isinstance(fused_qkv_inductor_kernel, jit)) \
+            and not ALLOW_INTERPRETER:
+        return False, "Triton's interpreter (TRITON_INTERPRET=1): kernels are not JITFunctions"
+    if tuple(fused_qkv_kernel.arg_names) != WRAPPED_ARGS:
+        return False, "fused_qkv_kernel's signature changed: update the trampoline"
+    if _hop_params() != _HOP_PARAMS:  # e.g. a new mutation-analysis argument
+        return False, f"triton_kernel_wrapper_functional takes {_hop_params()}: not built here"
+    return True, ""
+
+
+# ----------------------------------------------------------------- what to launch, statically
+
+def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
+         run_v: bool, write_gate: bool) -> _tk.TilePlan:
+    """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
+
+    Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for T = 1
+    (BLOCK_T = 1, grid x = T), fixed at compile time: right for decode and small batches, but
+    slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
+    that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
+    winner for every later T.)"""
+    static_t = isinstance(T, int)
+    if static_t and T == 0:
+        raise Unsupported("T == 0: nothing to launch")
+    tiles = _tk.tile_plan(T if static_t else 1, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
+                          write_gate)
+    if tiles is None:
+        raise Unsupported("the op writes nothing")
+    return tiles
+
+
+def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,
+                  cache_fp8: int, fp8: Optional[torch.dtype], has_cache: bool, geom: dict,
+                  scalars: dict, constexprs: dict, dummy, interp: bool = False) -> dict:
+    """Every argument of ``fused_qkv_inductor_kernel`` by name (values: graph nodes or ints).
+
+    ``a``: the op's arguments by schema name; ``outs``: q_out/k_out/v_out/g_out (None: not
+    written); ``geom``: block_size, num_slots, kc_*/vc_*; ``scalars``: the row strides and
+    table_rows; ``dummy``: a read-only tensor for pointers that are never dereferenced (their
+    constexpr flag is off, so the kernel has no load or store through them)."""
+    def opt(x):
+        return dummy if x is None else x
+
+    kw = dict(
+        q_src=a["q_src"], k_src=a["k_src"], v_src=a["v_src"],
+        q_src_stride=scalars["q_src_stride"], k_src_stride=scalars["k_src_stride"],
+        v_src_stride=scalars["v_src_stride"], q_col=a["q_col"], k_col=a["k_col"],
+        v_col=a["v_col"], q_w=opt(a["q_weight"]), k_w=opt(a["k_weight"]),
+        cos_ptr=a["cos"], sin_ptr=a["sin"], cos_stride=scalars["cos_stride"],
+        sin_stride=scalars["sin_stride"], pos_ptr=opt(a["positions"]),
+        table_rows=scalars["table_rows"],
+        q_out=opt(outs["q_out"]), k_out=opt(outs["k_out"]), v_out=opt(outs["v_out"]),
+        g_out=opt(outs["g_out"]),
+        k_base=k_base, v_base=v_base, k_off=k_off, v_off=v_off,
+        slot_ptr=opt(a["slot_mapping"]), block_size=geom["block_size"],
+        num_slots=geom["num_slots"], kc_blk=geom["kc_blk"], kc_slot=geom["kc_slot"],
+        kc_head=geom["kc_head"], vc_blk=geom["vc_blk"], vc_slot=geom["vc_slot"],
+        vc_head=geom["vc_head"], k_scale=opt(a["k_scale"]), v_scale=opt(a["v_scale"]),
+        T=T,
+        HQ=a["num_q_heads"], HKV=a["num_kv_heads"], D=a["head_dim"], R=a["rotary_dim"],
+        GATE=a["gate_layout"], HAS_NORM=bool(a["apply_norm"]),
+        HAS_QW=a["q_weight"] is not None, HAS_KW=a["k_weight"] is not None,
+        IS_NEOX=bool(a["is_neox"]), EXPANDED=bool(a["table_expanded"]),
+        HAS_POS=a["positions"] is not None, HAS_CACHE=has_cache,
+        SKIP_NEG=bool(a["skip_negative_slots"]), IS_FP8=fp8 is not None,
+        HAS_KS=a["k_scale"] is not None, HAS_VS=a["v_scale"] is not None,
+        FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
+        WRITE_Q=outs["q_out"] is not None, WRITE_K=outs["k_out"] is not None,
+        WRITE_V=outs["v_out"] is not None, WRITE_G=outs["g_out"] is not None,
+        **constexprs,
+        INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
+        V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
+    )
+    assert list(kw) == list(fused_qkv_inductor_kernel.arg_names), "kwargs out of sync"
+    return kw
+
+
+# -------------------------------------------------------------------------- graph building
+
+_AUTOTUNED: dict = {}
+
+
+def _kernel_idx(num_warps: int) -> int:
+    """Side-table index of the kernel wrapped in a one-config autotuner carrying num_warps
+    (what Dynamo records for ``kernel[grid](..., num_warps=w)``); one object per num_warps, so
+    the side table (and the FX cache key built from it) sees the same kernel every time."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton import Config
+    from triton.runtime.autotuner import autotune
+
+    k = _AUTOTUNED.get(num_warps)
+    if k is None:
+        k = _AUTOTUNED[num_warps] = autotune(configs=[Config({}, num_warps=num_warps)],
+                                             key=[])(fused_qkv_inductor_kernel)
+    return kernel_side_table.add_kernel(k)
+
+
+class _Syms:
+    """Ints stay ints; a SymInt becomes a graph node computing it (a SymInt placeholder, or
+    sym_size / sym_stride of a provider tensor), else Unsupported."""
+
+    def __init__(self, b, providers):
+        self.b, self.providers = b, [p for p in providers if isinstance(p, Node)]
+
+    def __call__(self, s):
+        if isinstance(s, (int, float, bool)) or s is None:
+            return s
+        if not isinstance(s, torch.SymInt):
+            raise Unsupported(f"scalar of type {type(s).__name__}")
+        try:
+            return self.b.size(s, self.providers)
+        except LookupError:
+            pass
+        for p in self.providers:
+            for dim, st in enumerate(tensor_val(p).stride()):
+                if not isinstance(st, int) and same_sym(st, s):
+                    return self.b.call(torch.ops.aten.sym_stride.int, (p, dim))
+        raise Unsupported(f"no node provides the symbolic value {s}")
+
+    def mul(self, x, y):
+        if isinstance(x, int) and isinstance(y, int):
+            return x * y
+        return self.b.call(operator.mul, (x, y))
+
+
+def _geometry(size, stride, layout) -> tuple:
+    """(num_blocks, block_size, stride_block, stride_slot, stride_head) of a 4-D cache view."""
+    if layout == LAYOUT_NHD:
+        return size[0], size[1], stride[0], stride[1], stride[2]
+    return size[0], size[2], stride[0], stride[2], stride[1]
+
+
+def _op_args(op, args: tuple) -> dict:
+    names = [x.name for x in op._schema.arguments]
+    if len(names) != len(args):
+        raise Unsupported(f"{op} takes {len(names)} args, got {len(args)}")
+    return dict(zip(names, args))
+
+
+def call_fused_with_cache(b, op, args: tuple, kc: dict, vc: dict) -> tuple:
+    """Drop-in for ``rewrite.call_fused_with_cache`` (``kc``/``vc``: base, size, stride,
+    offset, alias): returns ``(hop_node, outs[4], {id(base): new_base_node})``.
+
+    Raises :class:`Unsupported` (graph untouched) when this path cannot be used."""
+    return _build(b, _op_args(op, args), kc, vc)
+
+
+def call_fused(b, op, args: tuple) -> tuple:
+    """Drop-in for ``rewrite.call_fused`` (no cache): returns ``(hop_node, outs[4])``.
+
+    Raises :class:`Unsupported` (graph untouched) when this path cannot be used."""
+    a = _op_args(op, args)
+    for k in ("slot_mapping", "k_scale", "v_scale"):
+        a.setdefault(k, None)
+    a.setdefault("skip_negative_slots", True)
+    node, outs, _ = _build(b, a, None, None)
+    return node, outs
+
+
+def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict]) -> tuple:
+    from torch._higher_order_ops.triton_kernel_wrap import (kernel_side_table,
+                                                            triton_kernel_wrapper_functional)
+
+    qv = tensor_val(a["q_src"])
+    ok, why = supported(qv.device)
+    if not ok:
+        raise Unsupported(why)
+    has_cache = kc is not None
+    T = qv.shape[0]
+    hq, hkv, d = a["num_q_heads"], a["num_kv_heads"], a["head_dim"]
+    write_gate = bool(a["write_gate"]) and a["gate_layout"] != GATE_NONE
+    tiles = plan(T, hq=hq, hkv=hkv, d=d, rotary_dim=a["rotary_dim"], write_q=a["write_q"],
+                 run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
+                 write_gate=write_gate)
+
+    # --- everything static is checked before the first node goes in -----------------------
+    cache_fp8, fp8, k_off, v_off = 0, None, 0, 0
+    if has_cache:
+        kb_v, vb_v = tensor_val(kc["base"]), tensor_val(vc["base"])
+        if vb_v.dtype != kb_v.dtype:
+            raise Unsupported("K and V cache bases differ in dtype")
+        fp8 = fp8_dtype_of(kb_v.dtype, a["kv_cache_dtype"])
+        if kb_v.dtype == torch.uint8:
+            cache_fp8 = _CACHE_FP8[fp8]
+        offs = []
+        for c, bv in ((kc, kb_v), (vc, vb_v)):
+            boff = bv.storage_offset()
+            if not isinstance(boff, int) or not isinstance(c["offset"], int):
+                raise Unsupported("symbolic cache storage offset")
+            offs.append(c["offset"] - boff)  # elements from the base's data pointer
+        k_off, v_off = offs
+        if kb_v.device != qv.device or vb_v.device != qv.device:
+            raise Unsupported("a cache is not on the kernel's device")
+    for name in ("q_src", "k_src", "v_src", "cos", "sin"):
+        if tensor_val(a[name]).stride(-1) != 1:
+            raise Unsupported(f"{name} last dim is not contiguous")
+    # Every tensor on the kernel's device (Inductor would turn a 0-d CPU scale into a float).
+    for name in ("k_src", "v_src", "q_weight", "k_weight", "cos", "sin", "positions",
+                 "slot_mapping", "k_scale", "v_scale"):
+        v = tensor_val(a[name])
+        if v is not None and v.device != qv.device:
+            raise Unsupported(f"{name} is on {v.device}, the kernel runs on {qv.device}")
+
+    before = set(b.graph.nodes)
+    try:
+        return _insert(b, a, kc, vc, tiles, T=T, write_gate=write_gate, fp8=fp8,
+                       cache_fp8=cache_fp8, k_off=k_off, v_off=v_off,
+                       hop=triton_kernel_wrapper_functional, side_table=kernel_side_table)
+    except Exception:
+        # Leave the graph as it was: also the sym_size nodes Builder.size inserts untracked.
+        for n in reversed(list(b.graph.nodes)):
+            if n not in before and not n.users:
+                b.graph.erase_node(n)
+        b.created[:] = [n for n in b.created if n in before]
+        raise
+
+
+def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off, hop,
+            side_table) -> tuple:
+    """Insert the outputs, the HOP node and its getitems; see ``_build``."""
+    qv = tensor_val(a["q_src"])
+    hq, hkv, d = a["num_q_heads"], a["num_kv_heads"], a["head_dim"]
+    has_cache = kc is not None
+    syms = _Syms(b, [a["q_src"], a["k_src"], a["v_src"], a["cos"], a["sin"]] +
+                 ([kc["base"], vc["base"]] if has_cache else []))
+    t_arg = syms(T)
+    scalars = {
+        "q_src_stride": syms(qv.stride(0)),
+        "k_src_stride": syms(tensor_val(a["k_src"]).stride(0)),
+        "v_src_stride": syms(tensor_val(a["v_src"]).stride(0)),
+        "cos_stride": syms(tensor_val(a["cos"]).stride(0)),
+        "sin_stride": syms(tensor_val(a["sin"]).stride(0)),
+        "table_rows": syms(tensor_val(a["cos"]).shape[0]),
+    }
+    if has_cache:
+        layout = a["cache_layout"]
+        knb, kbs, kb_, ks_, kh_ = (syms(x) for x in _geometry(kc["size"], kc["stride"], layout))
+        _, _, vb_, vs_, vh_ = (syms(x) for x in _geometry(vc["size"], vc["stride"], layout))
+        geom = dict(block_size=kbs, num_slots=syms.mul(knb, kbs), kc_blk=kb_, kc_slot=ks_,
+                    kc_head=kh_, vc_blk=vb_, vc_slot=vs_, vc_head=vh_)
+    else:
+        geom = dict(block_size=1, num_slots=1, kc_blk=1, kc_slot=1, kc_head=1, vc_blk=1,
+                    vc_slot=1, vc_head=1)
+
+    def empty(heads):  # fresh outputs, only for what the kernel writes
+        return b.call(torch.ops.aten.empty.memory_format, ([t_arg, heads, d],),
+                      {"dtype": qv.dtype, "device": qv.device, "pin_memory": False})
+
+    outs = {"q_out": empty(hq) if a["write_q"] else None,
+            "k_out": empty(hkv) if a["write_k"] else None,
+            "v_out": empty(hkv) if a["write_v"] else None,
+            "g_out": empty(hq) if write_gate else None}
+    dummy = a["q_src"]  # read-only input, for pointers that are never dereferenced
+    to_clone = [n for n, x in outs.items() if x is not None]
+    same = has_cache and vc["base"] is kc["base"]
+    if has_cache:
+        k_base, v_base = kc["base"], (dummy if same else vc["base"])
+        to_clone = ["k_base"] + ([] if same else ["v_base"]) + to_clone
+    else:
+        k_base = v_base = dummy
+    kw = kernel_kwargs(a, T=t_arg, outs=outs, k_base=k_base, v_base=v_base, k_off=k_off,
+                       v_off=v_off, v_in_k_base=same, cache_fp8=cache_fp8, fp8=fp8,
+                       has_cache=has_cache, geom=geom, scalars=scalars,
+                       constexprs=tiles.constexprs, dummy=dummy,
+                       interp=qv.device.type == "cpu")
+    if CHECK_WRITES:
+        _check_writes(kw, set(to_clone), tiles.num_warps)
+    bt = tiles.block_t
+    gx = t_arg if bt == 1 else (
+        triton.cdiv(t_arg, bt) if isinstance(t_arg, int) else
+        b.call(operator.floordiv, (b.call(operator.add, (t_arg, bt - 1)), bt)))
+    node = b.call(hop, (), dict(kernel_idx=_kernel_idx(tiles.num_warps),
+                                constant_args_idx=side_table.add_constant_args({}),
+                                grid=[(gx, tiles.grid_y, 1)], tma_descriptor_metadata={},
+                                kwargs=kw, tensors_to_clone=to_clone))
+    # Exact input strides at lowering (the kernel takes row strides as arguments): what
+    # make_fx records for user Triton kernels, propagated by Inductor's decomposition.
+    node.meta["eager_input_vals"] = torch.fx.node.map_aggregate(
+        (node.args, node.kwargs), lambda x: x.meta["val"] if isinstance(x, Node) else x)
+    node.meta["fused_qkv_launch"] = describe(node)  # before reinplace empties the list
+    get = {name: b.call(operator.getitem, (node, name)) for name in to_clone}
+    new_bases = {}
+    if has_cache:
+        new_bases[id(kc["base"])] = get["k_base"]
+        new_bases[id(vc["base"])] = get["k_base"] if same else get["v_base"]
+    return node, [get.get(n) for n in ("q_out", "k_out", "v_out", "g_out")], new_bases
+
+
+_WRITES_CACHE: dict = {}
+
+
+def _check_writes(kw: dict, expected: set, num_warps: int) -> None:
+    """Inductor decides what a user kernel mutates by analysing its TTIR (every pointer a store
+    address is derived from, through helper calls, counts as written).  A tensor it wrongly
+    counts becomes a mutated buffer; if that is a graph input, CUDA-graph trees skip the graph.
+    A missed write would be worse (readers scheduled before the kernel).  Refuse both: run the
+    analysis Inductor will run (cached per specialisation)."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    vals = torch.fx.node.map_arg(kw, lambda n: n.meta["val"])
+    cx = {p.name for p in fused_qkv_inductor_kernel.params if p.is_constexpr}
+    key = tuple((k, (v.dtype, v.dim()) if isinstance(v, torch.Tensor) else
+                 v if k in cx else type(v).__name__) for k, v in vals.items())
+    written = _WRITES_CACHE.get(key)
+    if written is None:
+        kernel = tkw.kernel_side_table.get_kernel(_kernel_idx(num_warps))
+        if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
+            acc = tkw.identify_accessed_tensors(kernel, dict(vals), {})
+            written = {d.name for d in acc.read_writes.writes}
+        else:  # torch 2.11: the list of written tensor names
+            written = set(tkw.identify_mutated_tensors(kernel, dict(vals), {}))
+        _WRITES_CACHE[key] = written
+    missed = expected - written
+    if missed:
+        raise Unsupported(f"Inductor's kernel analysis misses the writes to {sorted(missed)}")
+    for name in sorted(written - expected):
+        n = kw[name]
+        while isinstance(n, Node) and is_view_node(n):
+            n = view_input(n)
+        if isinstance(n, Node) and n.op == "placeholder":
+            raise Unsupported(
+                f"Inductor's kernel analysis counts {name} as written: graph input {n.name} "
+                f"would become a mutated input (CUDA graphs skipped); the kernel must not "
+                f"derive store addresses from {name} through a helper call")
+
+
+def describe(node: Node) -> str:
+    """One line for reports and debugging: kernel, grid, num_warps, what it mutates."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    k = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    nw = k.configs[0].num_warps if hasattr(k, "configs") else "?"
+    return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
+            f"mutates={list(node.kwargs['tensors_to_clone'])}")
+
+
+__all__ = ["OP_NAME", "Unsupported", "supported", "plan", "kernel_kwargs",
+           "call_fused_with_cache", "call_fused", "describe", "fused_qkv_inductor_kernel"]
