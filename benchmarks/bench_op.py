@@ -161,67 +161,8 @@ def make_inputs(name, t, hnd):
     return (qkv, qw, kw, cos_sin, pos, kc, vc, slots, *scales), kwargs, 1 if cdt == "fp8" else 2
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer T, NHD only")
-    ap.add_argument("--csv", default=None)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.
-    torch._dynamo.config.recompile_limit = 1024
-    # Cache hits across implementations would hand the stock graph to the "+pass" column.
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-    bw = copy_bandwidth()
-    launch_us = launch_floor_us()
-    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
-          f"empty launch in a CUDA graph {launch_us:.2f} us")
-    tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
-    layouts = (False,) if args.quick else (False, True)
-    rows = []
-    hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>8} {'compile':>8} {'c+opaque':>8} "
-           f"{'fused':>7} {'+pass':>7} {'floor':>7} | {'%bw':>5} {'x eager':>7} {'x comp':>6} "
-           f"{'x opq':>6} {'pass/opq':>8}")
-    print(hdr)
-    for name in args.shapes.split(","):
-        for hnd in layouts:
-            torch._dynamo.reset()
-            # Token dims dynamic (maybe_mark_dynamic in make_inputs), caches static: as engines do.
-            comp = torch.compile(unfused)
-            with_pass = torch.compile(unfused, backend=fusion_pass.make_backend())
-            for t in tokens:
-                inp, kw, cbytes = make_inputs(name, t, hnd)
-                graph = True  # CUDA-graph replays: device time without host launch cost
-                res = {}
-                for label, fn, extra in (("eager", unfused, dict(opaque=False)),
-                                         ("compile", comp, dict(opaque=False)),
-                                         ("c+opaque", comp, dict(opaque=True)),
-                                         ("fused", fused, dict(opaque=False)),
-                                         ("pass", with_pass, dict(opaque=False))):
-                    call = lambda: fn(*inp, **kw, **extra)  # noqa: E731
-                    try:
-                        call()
-                        torch.cuda.synchronize()
-                        res[label] = bench(call, graph) * 1e3  # us
-                    except Exception as e:  # a baseline that cannot run is reported, not fatal
-                        print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
-                        res[label] = float("nan")
-                fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
-                floor_us = max(fb / bw * 1e6, launch_us)
-                pct = floor_us / res["fused"] * 100
-                row = dict(shape=name, layout="HND" if hnd else "NHD", T=t, floor_us=floor_us,
-                           bw_frac=pct / 100, **{k + "_us": v for k, v in res.items()})
-                rows.append(row)
-                print(f"{name:11} {'HND' if hnd else 'NHD':3} {t:>6} | {res['eager']:8.2f} "
-                      f"{res['compile']:8.2f} {res['c+opaque']:8.2f} {res['fused']:7.2f} "
-                      f"{res['pass']:7.2f} {floor_us:7.2f} | {pct:5.1f} "
-                      f"{res['eager'] / res['fused']:7.2f} {res['compile'] / res['fused']:6.2f} "
-                      f"{res['c+opaque'] / res['fused']:6.2f} {res['c+opaque'] / res['pass']:8.2f}",
-                      flush=True)
-    # Host overhead of the eager entry point at T=1, no CUDA graph.
+def host_overhead() -> None:
+    """Per-call host time at T=1 with no CUDA graph: the entry point and FusedQKVLayer."""
     inp, kw, _ = make_inputs("qwen3-8b", 1, False)
     for _ in range(50):
         fused(*inp, **kw, opaque=False)
@@ -248,11 +189,77 @@ def main():
     layer_us = (time.perf_counter() - t0) / n * 1e6
     print(f"# FusedQKVLayer (fixed arguments validated once), T=1, no graph: "
           f"{layer_us:.1f} us/call")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer T, NHD only")
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.
+    torch._dynamo.config.recompile_limit = 1024
+    # Cache hits across implementations would hand the stock graph to the "+pass" column.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    bw = copy_bandwidth()
+    launch_us = launch_floor_us()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
+          f"empty launch in a CUDA graph {launch_us:.2f} us")
+    host_overhead()
+    tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
+    layouts = (False,) if args.quick else (False, True)
+    hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>8} {'compile':>8} {'c+opaque':>8} "
+           f"{'fused':>7} {'+pass':>7} {'floor':>7} | {'%bw':>5} {'x eager':>7} {'x comp':>6} "
+           f"{'x opq':>6} {'pass/opq':>8}")
+    print(hdr)
+    out = open(args.csv, "w", newline="") if args.csv else None
+    writer = None
+    for hnd in layouts:  # all NHD rows first: a run cut short still has them
+        for name in args.shapes.split(","):
+            torch._dynamo.reset()
+            # Token dims dynamic (maybe_mark_dynamic in make_inputs), caches static: as engines do.
+            comp = torch.compile(unfused)
+            with_pass = torch.compile(unfused, backend=fusion_pass.make_backend())
+            for t in tokens:
+                inp, kw, cbytes = make_inputs(name, t, hnd)
+                graph = True  # CUDA-graph replays: device time without host launch cost
+                res = {}
+                for label, fn, extra in (("eager", unfused, dict(opaque=False)),
+                                         ("compile", comp, dict(opaque=False)),
+                                         ("c+opaque", comp, dict(opaque=True)),
+                                         ("fused", fused, dict(opaque=False)),
+                                         ("pass", with_pass, dict(opaque=False))):
+                    call = lambda: fn(*inp, **kw, **extra)  # noqa: E731
+                    try:
+                        call()
+                        torch.cuda.synchronize()
+                        res[label] = bench(call, graph) * 1e3  # us
+                    except Exception as e:  # a baseline that cannot run is reported, not fatal
+                        print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
+                        res[label] = float("nan")
+                fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
+                floor_us = max(fb / bw * 1e6, launch_us)
+                pct = floor_us / res["fused"] * 100
+                row = dict(shape=name, layout="HND" if hnd else "NHD", T=t, floor_us=floor_us,
+                           bw_frac=pct / 100, **{k + "_us": v for k, v in res.items()})
+                if out is not None:  # row by row: a run cut short keeps what it measured
+                    if writer is None:
+                        writer = csv.DictWriter(out, fieldnames=list(row.keys()))
+                        writer.writeheader()
+                    writer.writerow(row)
+                    out.flush()
+                print(f"{name:11} {'HND' if hnd else 'NHD':3} {t:>6} | {res['eager']:8.2f} "
+                      f"{res['compile']:8.2f} {res['c+opaque']:8.2f} {res['fused']:7.2f} "
+                      f"{res['pass']:7.2f} {floor_us:7.2f} | {pct:5.1f} "
+                      f"{res['eager'] / res['fused']:7.2f} {res['compile'] / res['fused']:6.2f} "
+                      f"{res['c+opaque'] / res['fused']:6.2f} {res['c+opaque'] / res['pass']:8.2f}",
+                      flush=True)
+    if out is not None:
+        out.close()
 
 
 if __name__ == "__main__":
