@@ -1,4 +1,4 @@
-"""Plot fraction of the HBM floor vs T for each implementation, one panel per model shape.
+"""Plot fraction of the floor vs T for each implementation, one panel per shape and layout.
 
     python benchmarks/plot.py benchmarks/results/<run>.csv benchmarks/results/<run>.png
 """
@@ -21,8 +21,12 @@ def main(src: str, dst: str) -> None:
     by_shape = defaultdict(list)
     for r in rows:
         by_shape[(r["shape"], r["layout"])].append(r)
-    fig, axes = plt.subplots(1, len(by_shape), figsize=(5 * len(by_shape), 4), squeeze=False)
-    for ax, ((shape, layout), rs) in zip(axes[0], sorted(by_shape.items())):
+    shapes = sorted({s for s, _ in by_shape})
+    layouts = sorted({lay for _, lay in by_shape}, reverse=True)  # NHD first
+    fig, axes = plt.subplots(len(layouts), len(shapes), figsize=(5 * len(shapes),
+                                                                 4 * len(layouts)), squeeze=False)
+    for (shape, layout), rs in sorted(by_shape.items()):
+        ax = axes[layouts.index(layout)][shapes.index(shape)]
         rs.sort(key=lambda r: int(r["T"]))
         ts = [int(r["T"]) for r in rs]
         for key, label in IMPLS:
@@ -31,7 +35,7 @@ def main(src: str, dst: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
-        ax.set_ylabel("floor time / measured time (1 = HBM floor)")
+        ax.set_ylabel("floor / measured time (1 = floor)")
         ax.set_title(f"{shape} {layout}")
         ax.axhline(0.85, color="gray", ls="--", lw=0.8)
         ax.grid(True, which="both", alpha=0.3)
