@@ -19,6 +19,9 @@ Modes:
 * ``codegen`` (no GPU): Triton is given a fake CUDA target (a stub driver), so Inductor
   lowers the graph and writes the wrapper code for real; the same code and write-analysis
   assertions run.  The code cannot run: loading the module fails, after it was captured.
+* Forms in ``RESIZE_CACHES`` are compiled twice, the second time with caches of another
+  size (Dynamo recompiles with a dynamic number of blocks per cache): the checks apply to the
+  second compile, whose cache inputs must have a symbolic size.
 * ``interp`` (no GPU, TRITON_INTERPRET=1): Dynamo + AOT autograd + Inductor's decompositions
   and its whole post-grad pipeline (the pass, reinplace, the HOP decomposition); the final
   graph must hold ``triton_kernel_wrapper_mutation`` on the cache graph inputs themselves,
@@ -67,14 +70,20 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
                                 norm="gemma", cache="fp8"), False),
     "uint8_fp8": ("uint8", False),  # vLLM's uint8 cache holding fp8 bytes (custom_case)
     "big_t_static": ("big_t", False),  # T = 1100: BLOCK_T > 1, as launch() picks (custom_case)
+    # compiled twice, the second time with bigger caches (RESIZE_CACHES): a dynamic num_blocks,
+    # one symbol per cache (bench_op.py's T=65536 rows); the second compile is checked
+    "view_dyn_cache": (dict(), False),
+    "hnd_dyn_cache": (dict(cache="hnd"), False),
+    "view_dyn_cache_dyn_t": (dict(), True),
 }
+RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
 # the tail); --forms all for every form.
 CUDA_FORMS = ["view", "view_dyn", "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256",
               "no_cache_dyn", "big_t_static", "view_dyn_block_t2", "hf_static", "hnd",
-              "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80"]
+              "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80", "view_dyn_cache"]
 LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")
 
 
@@ -119,12 +128,17 @@ def recording():
         il.call_fused_with_cache, il.call_fused = orig
 
 
-def assert_launch_used(rep):
-    """Every fused chain went through the Inductor launch (no fallback to the custom op)."""
+def assert_launch_used(rep, name=None):
+    """Every fused chain went through the Inductor launch (no fallback to the custom op), with
+    the cache write when form ``name`` writes a cache."""
     from fusion_pass import inductor_launch as il
 
     fused = len(rep.fused)
     assert fused, f"nothing fused:\n{rep}"
+    kw = FORMS[name][0] if name else None
+    if name and (isinstance(kw, str) or kw.get("cache") != "none"):
+        partial = [c for c in rep.fused if c.status != "fused"]
+        assert not partial, f"cache write not fused: {partial[0].reason}\n{rep}"
     assert not Recorder.fallbacks, f"fell back to the custom op: {Recorder.fallbacks}"
     ops = {c.op for c in rep.fused}
     assert ops == {il.OP_NAME}, f"report ops {ops}, expected {il.OP_NAME!r}"
@@ -321,31 +335,43 @@ def compile_one(mode, name, codes, verbose):
     import torch
 
     import fusion_pass
-    from tests.model_forms import clone_args
+    from tests.model_forms import clone_args, resize_caches
+    from tests.pass_check import cache_symbols
 
     device = "cuda" if mode == "cuda" else "cpu"
     Recorder.clear(), codes.clear()
     fn, args, dynamic = build_case(name, device)
-    before = clone_args(args)
-    fp = fusion_pass.FusionPass(allow_cpu=device == "cpu", inductor_launch=True)
     torch._dynamo.reset()
-    if dynamic:
-        mark_dynamic(args, name)
-    with recording(), block_override(name), torch.no_grad(), \
-            torch._inductor.config.patch(post_grad_custom_post_pass=fp, fx_graph_cache=False):
-        compiled = torch.compile(fn)
-        if mode == "cuda":
-            out = compiled(*args)
-            torch.cuda.synchronize()
-        else:
+    compiled = torch.compile(fn)
+
+    def call(fp, args):
+        if dynamic:
+            mark_dynamic(args, name)
+        with block_override(name), torch.no_grad(), torch._inductor.config.patch(
+                post_grad_custom_post_pass=fp, fx_graph_cache=False):
+            if mode == "cuda":
+                out = compiled(*args)
+                torch.cuda.synchronize()
+                return out
             try:
                 compiled(*args)
             except Exception as e:  # expected: the module cannot load without a GPU
                 if "compatible backends" not in str(e) and "active drivers" not in str(e):
                     raise
+
+    if name in RESIZE_CACHES:  # the first compile, with the caches as built (not checked)
+        call(fusion_pass.FusionPass(allow_cpu=device == "cpu"), args)
+        args = resize_caches(args, RESIZE_CACHES[name])
+        Recorder.clear(), codes.clear()
+    before = clone_args(args)
+    fp = fusion_pass.FusionPass(allow_cpu=device == "cpu", inductor_launch=True)
+    with recording():
+        out = call(fp, args)
     code = "\n".join(codes)
+    if name in RESIZE_CACHES:
+        assert cache_symbols(code), "the caches' size is not dynamic in the second compile"
     rep = fp.report
-    fused = assert_launch_used(rep)
+    fused = assert_launch_used(rep, name)
     with_cache = any(c.status == "fused" for c in rep.fused)
     check_code(code, args, fused, with_cache)
     extra = set()
@@ -560,17 +586,18 @@ def interp_one(name, verbose):
     from torch._inductor.virtualized import V
 
     import fusion_pass
-    from tests.model_forms import clone_args
+    from tests.model_forms import clone_args, resize_caches
 
     Recorder.clear()
     graphs = []
     fn, args, dynamic = build_case(name, "cpu")
-    before = clone_args(args)
     fp = fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True)
+    passes = [fp]
 
     def fw(gm, example_inputs):
         fake = torch._guards.detect_fake_mode(example_inputs)
-        with V.set_fake_mode(fake), torch._inductor.config.patch(post_grad_custom_post_pass=fp):
+        with V.set_fake_mode(fake), \
+                torch._inductor.config.patch(post_grad_custom_post_pass=passes[-1]):
             post_grad_passes(gm, is_inference=True)
         gm.recompile()
         graphs.append(gm)
@@ -582,11 +609,22 @@ def interp_one(name, verbose):
                                      keep_inference_input_mutations=True)
 
     torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend)
+    if name in RESIZE_CACHES:  # the first compile, with the caches as built (not checked)
+        passes.append(fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True))
+        if dynamic:
+            mark_dynamic(args, name)
+        with torch.no_grad():
+            compiled(*args)
+        passes.pop()
+        args = resize_caches(args, RESIZE_CACHES[name])
+        Recorder.clear()
+    before = clone_args(args)
     if dynamic:
         mark_dynamic(args, name)
     with recording(), block_override(name), torch.no_grad():
-        out = torch.compile(fn, backend=backend)(*args)
-    fused = assert_launch_used(fp.report)
+        out = compiled(*args)
+    fused = assert_launch_used(fp.report, name)
     g = graphs[-1].graph
     hops = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
     assert len(hops) == fused, f"{len(hops)} kernel node(s) for {fused} fused chain(s)"
@@ -604,6 +642,9 @@ def interp_one(name, verbose):
             assert kw["k_base"].op == "placeholder", "the K cache is not the graph input"
             if not kw["V_IN_K_BASE"]:
                 assert kw["v_base"].op == "placeholder", "the V cache is not the graph input"
+            if name in RESIZE_CACHES:
+                assert not isinstance(kw["k_base"].meta["val"].shape[0], int), \
+                    "the caches' size is not dynamic in the second compile"
     check_numerics(name, fn, args, out, before)
     if verbose:
         print(graphs[-1].code)

@@ -300,8 +300,9 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
             partial_reason = "no matching V cache write"
         else:
             try:
-                _cache_guards(k.cache, vw[0], vw[1], k, d)
+                shape_pairs = _cache_guards(k.cache, vw[0], vw[1], k, d)
                 _check_orders(k, vw, d)
+                guards.assume_equal(shape_pairs)  # last: no shape guard for a chain refused
             except (GuardFailure, token_order.OrderError, LayoutError) as e:
                 if isinstance(e, GuardFailure):
                     e = f"{e.guard}: {e.reason}"
@@ -334,10 +335,9 @@ def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
     return same[0] if same else None
 
 
-def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> None:
-    guards.check("cache", kw.layout == vw.layout and len(kw.size) == len(vw.size) and
-                 all(same_sym(a, b) for a, b in zip(kw.size, vw.size)),
-                 "K and V caches differ in layout or shape")
+def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> list:
+    """Raises GuardFailure; returns the K/V size pairs to guard on (``guards.cache_shapes``)."""
+    pairs = guards.cache_shapes(kw.size, vw.size, kw.layout == vw.layout)
     guards.check("cache", kw.fp8 == vw.fp8 and kw.kv_cache_dtype == vw.kv_cache_dtype,
                  "K and V caches differ in dtype")
     kv = tensor_val(kw.index_put.args[0])
@@ -348,6 +348,7 @@ def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int
                  f"cache heads/dim {heads}x{kw.size[3]} do not match K ({k.heads}x{d})")
     guards.same_rows(v_root, k.src.root, "V and K")
     guards.dtypes([v_root, k.src.root])
+    return pairs
 
 
 def _rewrite(graph, fake_mode, q: Chain, k: Chain, vw, gate: int, d: int,

@@ -78,6 +78,48 @@ def norms(nq, nk) -> None:
           "weight on one of Q/K only")
 
 
+def _hint(s):
+    """The value of a size in this compile: an int, a backed SymInt's hint, else None."""
+    if isinstance(s, int):
+        return s
+    node = getattr(s, "node", None)
+    try:
+        return node.hint if node is not None and node.has_hint() else None
+    except Exception:
+        return None
+
+
+def cache_shapes(ks, vs, layouts_equal: bool) -> list:
+    """K and V caches of one shape (the op takes one geometry: block size, number of slots).
+
+    Returns the pairs of sizes that are equal only for this compile's inputs, not provably:
+    dynamic cache sizes, where Dynamo gives each cache its own symbol (automatic dynamic
+    shapes after a recompile: num_blocks ``s0`` for K, ``s1`` for V).  ``assume_equal`` then
+    guards on them; sizes that differ now fail here."""
+    check("cache", layouts_equal and len(ks) == len(vs), "K and V caches differ in layout")
+    pairs = []
+    for a, b in zip(ks, vs):
+        if same_sym(a, b):
+            continue
+        ha, hb = _hint(a), _hint(b)
+        if ha is not None and hb is not None and ha != hb:
+            # Guard on the difference too (``s0 != s1``): K and V caches of equal sizes in a
+            # later call get a graph with the cache write fused, not this one.
+            bool(a == b)
+        check("cache", ha is not None and ha == hb,
+              f"K and V caches differ in shape ({tuple(ks)} vs {tuple(vs)})")
+        pairs.append((a, b))
+    return pairs
+
+
+def assume_equal(pairs: list) -> None:
+    """Guard on sizes ``cache_shapes`` found equal only for this compile's inputs: ``bool()``
+    of a backed symbolic comparison adds a shape guard (here ``s0 == s1``), which Dynamo checks
+    before it runs the compiled graph (K and V caches of other sizes: a recompile)."""
+    for a, b in pairs:
+        check("cache", bool(a == b), f"K and V cache sizes {a} and {b} differ")
+
+
 def same_rows(a, b, what: str) -> None:
     ra, rb = rows_of(tensor_val(a))[2], rows_of(tensor_val(b))[2]
     check("tokens", same_sym(ra, rb), f"{what} have different token counts ({ra} vs {rb})")

@@ -169,9 +169,12 @@ def replace_cache_chain(b: Builder, write, new_base: Node) -> None:
     for n in write.full_value_nodes:
         n.replace_all_uses_with(new_base)
     ip = write.index_put
-    if ip.users and ip.args[0] is write.base:
+    # users left: not the full-value nodes just bypassed (dead now, e.g. the view back to the
+    # cache's shape), for which no view needs building
+    live = [u for u in ip.users if u.users or u not in write.full_value_nodes]
+    if live and ip.args[0] is write.base:
         ip.replace_all_uses_with(new_base)
-    elif ip.users:
+    elif live:
         sv = tensor_val(ip.args[0])
         view = b.call(aten.as_strided.default,
                       (new_base, list(sv.shape), list(sv.stride()), sv.storage_offset()))

@@ -40,15 +40,33 @@ def cache_numels(args):
     return [a.numel() for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4]
 
 
+def cache_symbols(code: str) -> set:
+    """Symbols (``s0``...) in the sizes of the generated code's cache inputs (the inputs of 4
+    or more dims, as ``cache_numels`` counts them): the caches' dynamic sizes."""
+    syms = set()
+    for m in re.finditer(r"assert_size_stride\(\w+, \(([^)]*)\)", code):
+        dims = [x for x in m.group(1).split(",") if x.strip()]
+        if len(dims) >= 4:
+            syms |= {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+    return syms
+
+
 def assert_no_cache_copy(code: str, args) -> None:
-    """No buffer as large as a cache is allocated: the caches are written in place."""
+    """No buffer as large as a cache is allocated: the caches are written in place.
+
+    With a dynamic cache size (a symbol in a cache input's size), no buffer whose size
+    involves that symbol either (a clone of the cache has its symbolic size)."""
     biggest = min(cache_numels(args))
+    syms = cache_symbols(code)
     for m in re.finditer(r"empty_strided_\w+\(\(([^)]*)\)", code):
         dims = [int(x) for x in m.group(1).replace(" ", "").split(",") if x.strip().isdigit()]
         n = 1
         for x in dims:
             n *= x
         assert n < biggest, f"a buffer of {n} elements (a cache copy?) in: {m.group(0)}"
+        used = syms & set(re.findall(r"\b[su]\d+\b", m.group(1)))
+        assert not used, f"a buffer sized by the cache's {sorted(used)} (a cache copy?) in: " \
+            f"{m.group(0)}"
 
 
 def assert_numerics(fn, args, out, args_before):

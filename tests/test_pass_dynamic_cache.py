@@ -1,0 +1,127 @@
+"""A dynamic KV-cache size: the second compile of a function, after its caches changed size.
+
+With automatic dynamic shapes, Dynamo recompiles a function called with caches of another
+number of blocks and makes that size symbolic, one symbol per cache (``s0`` for K, ``s1`` for
+V: nothing tells Dynamo they are equal).  The pass used to compare the K and V cache shapes
+symbolically only, so it found them different and fused without the cache write, leaving
+Inductor to write the caches: benchmarks/bench_op.py's T=65536 rows, where the caches grow
+and the "+pass" column measured 2.4x the fused op's time on an H200 (NHD).  Now sizes equal
+at compile time are guarded equal (a recompile if they ever differ) and the write is fused.
+
+Each test compiles an unfused form (tests/model_forms.py) on the CPU (the custom op, the
+kernel under Triton's interpreter) with caches of 8 blocks, then of 16 blocks, and checks the
+second compile: the cache write fused, no buffer sized like a cache in the generated code
+(no clone, no copy back), and outputs and caches right (tests/numerics.py's rule).  The same
+scenario on the Inductor-launch path (CUDA code, fake target on the CPU):
+benchmarks/check_inductor_launch.py's ``*_dyn_cache`` forms, run here in a subprocess.
+"""
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from torch._inductor.graph import GraphLowering
+
+import fusion_pass
+
+from .model_forms import Form, build, clone_args, resize_caches
+from .pass_check import (FUSED_CACHE, NOCACHE_RE, assert_no_cache_copy, assert_numerics,
+                         cache_symbols)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fused_ops(compiled, args):
+    """The fused_qkv ops a call of ``compiled`` runs (a call that compiles nothing: under the
+    profiler, so that no tracing is seen; the caches get the same rows again)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled(*args)
+    return [e.name.split("::")[1] for e in prof.events() if e.name.startswith("fused_qkv::")]
+
+
+def _run_and_get_code(compiled, args):
+    """``torch._inductor.utils.run_and_get_code`` without its ``torch._dynamo.reset()`` (which
+    would forget the first compile: no recompile, no dynamic cache size)."""
+    codes = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        out = compiled(*args)
+    return out, codes
+
+
+def _compile_calls(fn, fpass, calls, dynamic_tokens=False):
+    """Compile ``fn`` with the pass; run it on each argument list in ``calls``, in order.
+
+    Returns per call: (args after the call, outputs, generated code of that call (empty when
+    it reused a compiled graph), fused_qkv ops called, args before the call)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn)
+    res = []
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=fpass,
+                                                       fx_graph_cache=False):
+        for args in calls:
+            if dynamic_tokens:  # the token dims dynamic as well, as serving engines mark them
+                torch._dynamo.maybe_mark_dynamic(args[0], 1)
+                torch._dynamo.maybe_mark_dynamic(args[4], 1)
+                torch._dynamo.maybe_mark_dynamic(args[5], 0)
+            before = clone_args(args)
+            out, codes = _run_and_get_code(compiled, args)
+            res.append((args, out, "\n".join(codes), _fused_ops(compiled, args), before))
+    return res
+
+
+CACHES = ["view", "nhd", "hnd", "index_copy", "fp8"]
+
+
+@pytest.mark.parametrize("dynamic_tokens", [False, True], ids=["static_T", "dynamic_T"])
+@pytest.mark.parametrize("cache", CACHES)
+def test_recompile_with_dynamic_cache_size_fuses_in_place(cache, dynamic_tokens):
+    fn, args8 = build(Form(cache=cache))
+    fpass = fusion_pass.FusionPass(allow_cpu=True)
+    calls = [args8, resize_caches(args8, 16, 1), resize_caches(args8, 32, 2)]
+    runs = _compile_calls(fn, fpass, calls, dynamic_tokens)
+    report = fpass.report
+    assert report.counts["graphs"] == 2, f"expected 2 compiles (the third call reuses the " \
+        f"dynamic graph):\n{report}"
+    assert all(c.status == "fused" and c.op == FUSED_CACHE for c in report.candidates), \
+        f"the cache write is not fused in every compile:\n{report}"
+    args, out, code, ops, before = runs[1]
+    assert cache_symbols(code), "the second compile did not make the cache size dynamic"
+    assert FUSED_CACHE in code and not NOCACHE_RE.search(code), code
+    assert "index_put" not in code and "index_copy" not in code, "an unfused cache write"
+    assert_no_cache_copy(code, args)
+    for args, out, code, ops, before in runs:
+        assert ops == ["split_norm_rope_cache"], f"op calls {ops}"
+        assert_numerics(fn, args, out, before)
+
+
+def test_k_and_v_caches_of_different_sizes():
+    """K and V caches that differ in size are not the op's (one geometry): that compile
+    fuses without the cache write (Inductor writes the caches), and stays correct.  Guards
+    go both ways: caches of equal sizes afterwards still run a graph with the write fused."""
+    fn, args8 = build(Form(cache="view", negative_slot=True))  # -1 counts from each cache's end
+    fpass = fusion_pass.FusionPass(allow_cpu=True)
+    calls = [args8] + [resize_caches(args8, nb, seed) for seed, nb in
+                       enumerate(((16, 16), (16, 24), (32, 32), (40, 24)), 1)]
+    runs = _compile_calls(fn, fpass, calls)
+    statuses = [c.status for c in fpass.report.candidates]
+    assert statuses == ["fused", "fused", "fused-partial"], f"{statuses}:\n{fpass.report}"
+    assert "K and V caches differ in shape" in fpass.report.candidates[2].reason
+    want = ["split_norm_rope_cache", "split_norm_rope_cache", "split_norm_rope",
+            "split_norm_rope_cache", "split_norm_rope"]
+    assert [r[3] for r in runs] == [[w] for w in want], [r[3] for r in runs]
+    for args, out, code, ops, before in runs:
+        assert_numerics(fn, args, out, before)
+
+
+def test_inductor_launch_dynamic_cache_forms():
+    """The Inductor-launch path (CUDA wrapper code for a fake target, and the post-grad graph
+    run under the interpreter): benchmarks/check_inductor_launch.py's dynamic-cache forms."""
+    forms = "view_dyn_cache,hnd_dyn_cache,view_dyn_cache_dyn_t"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU modes (codegen and interp), even on a GPU box
+    p = subprocess.run([sys.executable, "benchmarks/check_inductor_launch.py", "--forms", forms],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert p.stdout.count("PASS") == 6, p.stdout
