@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .api import FusedQKV, _tracing, split_norm_rope_cache
 from .custom_op import split_norm_rope_cache_direct
+from .op_schema import CACHE_LAYOUTS, GATE_LAYOUTS
 
 
 class FusedQKVLayer:
@@ -59,7 +60,7 @@ class FusedQKVLayer:
     def _bind(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> None:
         kw = self._kw
         hq, hkv, d = kw["num_q_heads"], kw["num_kv_heads"], kw["head_dim"]
-        gate = {None: 0, "interleaved": 1, "blocked": 2}[kw.get("gate")]
+        gate = GATE_LAYOUTS[kw.get("gate")]
         q_width = hq * d * (2 if gate else 1)
         table = kw["cos_sin_cache"]
         r = kw.get("rotary_dim") or table.shape[-1]
@@ -72,7 +73,7 @@ class FusedQKVLayer:
                 float(kw.get("eps", 1e-6)), float(kw.get("weight_offset", 0.0)),
                 table[:, : r // 2], table[:, r // 2: r])
         tail = (r, bool(kw.get("is_neox", True)), False, kw["key_cache"], kw["value_cache"])
-        cache = ({"NHD": 0, "HND": 1}[kw.get("cache_layout", "NHD")],
+        cache = (CACHE_LAYOUTS[kw.get("cache_layout", "NHD")],
                  kw.get("slot_mode", "engine") == "engine", kw.get("kv_cache_dtype", "auto"),
                  None if ks is None else ks.reshape(()), None if vs is None else vs.reshape(()),
                  kw.get("return_q", True), kw.get("return_k", True), kw.get("return_v", True),

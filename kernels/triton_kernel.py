@@ -318,6 +318,9 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+_T_MID, _T_LARGE = 256, 1024  # the only token counts at which _pick_blocks changes its mind
+
+
 def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
                  num_kv_heads: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps), from ``benchmarks/tune_kernel.py`` on an H200.
@@ -331,10 +334,10 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     big_d = block_d > 128
     block_t = 1
-    if num_tokens >= 1024 or (big_d and num_tokens >= 256):
+    if num_tokens >= _T_LARGE or (big_d and num_tokens >= _T_MID):
         block_t = max(1, 2048 // (block_h * block_d))
     elems = block_t * block_h * block_d
-    if num_tokens >= 1024 and big_d:
+    if num_tokens >= _T_LARGE and big_d:
         num_warps = max(1, elems // 1024)
     else:
         num_warps = 4 if elems >= 1024 else 2
@@ -355,8 +358,8 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
                      _BLOCK_OVERRIDE)
-    # _pick_blocks only tells T < 256, < 1024 and the rest apart: memoise on that bucket
-    bucket = 1 if num_tokens < 256 else 256 if num_tokens < 1024 else 1024
+    # _pick_blocks only tells T < _T_MID, < _T_LARGE and the rest apart: memoise on that
+    bucket = 1 if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
     return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, None)
 
 

@@ -73,20 +73,16 @@ class _Layer(torch.nn.Module):
         return self.fn(x, self.qw, self.kw, self.cos_sin, pos, slots, cache_pos, self.kc, self.vc)
 
 
-def test_reduce_overhead_cuda_graphs_fused_and_correct():
-    from torch._dynamo.utils import counters
-
+def replay_reduce_overhead(backend, steps: int = 4) -> None:
+    """Compile a ``_Layer`` with ``backend`` (mode="reduce-overhead") and replay ``steps`` steps
+    with fresh tokens and slots, each checked against eager (outputs and the K cache)."""
     form = Form(device="cuda")
     layer = _Layer(form).cuda()
     ref = _Layer(form).cuda()
     ref.load_state_dict(layer.state_dict())
-    be = fusion_pass.make_backend(mode="reduce-overhead")
-    compiled = torch.compile(layer, backend=be)
-    counters.clear()
-    # no FX-graph cache: a hit (an earlier test compiled this form) skips the pass and its report
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        for step in range(4):  # fresh tokens and slots every step, replayed from the graph
+    compiled = torch.compile(layer, backend=backend)
+    with torch.no_grad():
+        for _ in range(steps):
             _, args = build(Form(device="cuda"))
             x, pos = args[0], args[4]
             slots = torch.randperm(32, device="cuda")[: form.T]
@@ -94,6 +90,17 @@ def test_reduce_overhead_cuda_graphs_fused_and_correct():
             eager = ref(x, pos, slots, args[6])
             torch.testing.assert_close(out[0].float(), eager[0].float(), atol=0.07, rtol=0.02)
             torch.testing.assert_close(layer.kc.float(), ref.kc.float(), atol=0.07, rtol=0.02)
+
+
+def test_reduce_overhead_cuda_graphs_fused_and_correct():
+    from torch._dynamo.utils import counters
+
+    be = fusion_pass.make_backend(mode="reduce-overhead")
+    counters.clear()
+    # no FX-graph cache: a hit (an earlier test compiled this form) skips the pass and its report
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        replay_reduce_overhead(be)
     assert be.report.fused, str(be.report)
     if REQUIRE_INDUCTOR_LAUNCH:
         assert {c.op for c in be.report.fused} == {INDUCTOR_LAUNCH}, str(be.report)
