@@ -2,8 +2,11 @@
 
 One device call prints, for each shape and T, the heuristic's time and the best swept
 configuration, as a fraction of the HBM floor.  Use it to retune ``_pick_blocks``.
+``--variants`` sweeps the launch variants instead (flat grid, persistent programs, gate
+programs of their own, NeoX through partner loads) on a few tile shapes, and times the op
+without its gate output too (what that copy costs).
 
-    python benchmarks/tune_kernel.py [--tokens 1,64,1024,16384]
+    python benchmarks/tune_kernel.py [--tokens 1,64,1024,16384] [--variants]
 """
 import argparse
 import itertools
@@ -31,15 +34,73 @@ def configs(block_d: int) -> list:
     return out
 
 
+def variant_configs(tile, gated: bool, tail: bool) -> list:
+    """(BLOCK_T, BLOCK_H, warps, flat, persist per SM, gate programs, pairs) around one tile."""
+    out = []
+    for flat, persist in ((False, 0), (True, 0), (True, 4), (True, 8)):
+        for gate in ((False, True) if gated else (False,)):
+            for pairs in ((False, True) if tail else (False,)):
+                out.append((*tile, flat, persist, gate, pairs))
+    return out
+
+
+def sweep_variants(a, bw) -> None:
+    for name in a.shapes.split(","):
+        hq, hkv, d, r, gated, _ = bench_op.SHAPES[name]
+        for t in map(int, a.tokens.split(",")):
+            inp, kw, cbytes = bench_op.make_inputs(name, t, False)
+            call = lambda: bench_op.fused(*inp, **kw, opaque=False)  # noqa: E731
+            bt, bh, _, w = triton_kernel._pick_blocks(t, d, hq, hkv)
+            tiles = {(bt, bh, w), (max(1, bt // 2), bh, w), (bt, bh, 2 * w)}
+            triton_kernel.set_block_override(None)
+            base = bench_op.bench(call, True, rep=20) * 1e3
+            floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
+            line = f"{name:11} T={t:6}: heuristic {base:8.2f} us ({floor / base:5.1%})"
+            if gated:  # the same op without its gate output: what the gate copy costs
+                nog = lambda: split_no_gate(inp, kw)  # noqa: E731
+                us = bench_op.bench(nog, True, rep=20) * 1e3
+                fl = floor - t * hq * d * 2 * 2 / bw * 1e6
+                line += f"; no gate out {us:.2f} us ({fl / us:.1%})"
+            print(line, flush=True)
+            found = []
+            for tile in sorted(tiles):
+                for cfg in variant_configs(tile, gated, r < d):
+                    triton_kernel.set_block_override(cfg)
+                    try:
+                        found.append((bench_op.bench(call, True, rep=20) * 1e3, cfg))
+                    except Exception as e:  # a config the compiler rejects
+                        print(f"  {cfg} failed: {type(e).__name__}: {e}"[:200])
+            triton_kernel.set_block_override(None)
+            found.sort()
+            for us, cfg in found[:a.top]:
+                print(f"    {cfg} {us:8.2f} us ({floor / us:5.1%})")
+            worst = found[-1] if found else None
+            if worst:
+                print(f"    worst {worst[1]} {worst[0]:.2f} us", flush=True)
+
+
+def split_no_gate(inp, kw):
+    qkv, qw, kw_, cos_sin, pos, kc, vc, slots, ks, vs = inp
+    return bench_op.split_norm_rope_cache(
+        qkv, num_q_heads=kw["hq"], num_kv_heads=kw["hkv"], head_dim=kw["d"],
+        gate="interleaved", q_weight=qw, k_weight=kw_, eps=1e-6, positions=pos,
+        cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc, slot_mapping=slots,
+        k_scale=ks if kw["fp8"] else None, v_scale=vs if kw["fp8"] else None,
+        return_k=False, return_v=False, return_gate=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,64,256,4096,65536")
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(bench_op.SHAPES))
+    ap.add_argument("--variants", action="store_true")
     a = ap.parse_args()
     bw = bench_op.copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s; "
-          f"configs (BLOCK_T, BLOCK_H, warps)")
+          f"configs (BLOCK_T, BLOCK_H, warps{', flat, persist, gate, pairs' * a.variants})")
+    if a.variants:
+        return sweep_variants(a, bw)
     for name in a.shapes.split(","):
         cfgs = configs(triton.next_power_of_2(bench_op.SHAPES[name][2]))
         for t in map(int, a.tokens.split(",")):

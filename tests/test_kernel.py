@@ -65,3 +65,34 @@ CASES = [
 def test_kernel_matches_reference(case, device):
     torch.manual_seed(zlib.crc32(str(case).encode()))
     check_case(case, device)
+
+
+# Tile variants the tuning script sweeps (BLOCK_T, BLOCK_H, warps, flat grid, persistent
+# programs per SM, gate programs of their own, NeoX through the partner-load path).
+VARIANTS = [
+    (2, 1, 2, True, 0, False, False),
+    (1, 2, 2, True, 1, False, False),  # persistent: each program loops over several tiles
+    (2, 2, 2, False, 0, True, False),
+    (1, 1, 2, True, 0, True, True),
+    (4, 2, 2, True, 1, True, True),
+]
+VARIANT_CASES = [
+    ("gate_interleaved", Case(gate=1, T=7)),
+    ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
+    ("partial_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1, gate=1)),
+    ("skip_gate_out", Case(gate=1, writes=(True, True, True, False))),
+    ("gate_only", Case(gate=1, writes=(False, False, False, True), cache=False)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("case", [c for _, c in VARIANT_CASES], ids=[i for i, _ in VARIANT_CASES])
+def test_tile_variants_match_reference(case, variant, device):
+    from kernels import triton_kernel
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    triton_kernel.set_block_override(variant)
+    try:
+        check_case(case, device)
+    finally:
+        triton_kernel.set_block_override(None)
