@@ -2,9 +2,8 @@
 
 One device call prints, for each shape and T, the heuristic's time and the best swept
 configuration, as a fraction of the HBM floor.  Use it to retune ``_pick_blocks``.
-``--variants`` sweeps the launch variants instead (flat grid, persistent programs, gate
-programs of their own, NeoX through partner loads) on a few tile shapes, and times the op
-without its gate output too (what that copy costs).
+``--variants`` also sweeps PAIRS (NeoX rope through partner loads on one full-row tile) and
+times the op without its gate output (what that copy costs).
 
     python benchmarks/tune_kernel.py [--tokens 1,64,1024,16384] [--variants]
 """
@@ -34,24 +33,15 @@ def configs(block_d: int) -> list:
     return out
 
 
-def variant_configs(tile, gated: bool, tail: bool) -> list:
-    """(BLOCK_T, BLOCK_H, warps, flat, persist per SM, gate programs, pairs) around one tile."""
-    out = []
-    for flat, persist in ((False, 0), (True, 0), (True, 4), (True, 8)):
-        for gate in ((False, True) if gated else (False,)):
-            for pairs in ((False, True) if tail else (False,)):
-                out.append((*tile, flat, persist, gate, pairs))
-    return out
-
-
 def sweep_variants(a, bw) -> None:
+    """Per shape and T: the heuristic, the op without its gate output, and every tile of
+    ``configs`` with and without PAIRS (NeoX through partner loads) where there is a tail."""
     for name in a.shapes.split(","):
         hq, hkv, d, r, gated, _ = bench_op.SHAPES[name]
+        cfgs = configs(triton.next_power_of_2(d))
         for t in map(int, a.tokens.split(",")):
             inp, kw, cbytes = bench_op.make_inputs(name, t, False)
             call = lambda: bench_op.fused(*inp, **kw, opaque=False)  # noqa: E731
-            bt, bh, _, w = triton_kernel._pick_blocks(t, d, hq, hkv)
-            tiles = {(bt, bh, w), (max(1, bt // 2), bh, w), (bt, bh, 2 * w)}
             triton_kernel.set_block_override(None)
             base = bench_op.bench(call, True, rep=20) * 1e3
             floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
@@ -63,20 +53,17 @@ def sweep_variants(a, bw) -> None:
                 line += f"; no gate out {us:.2f} us ({fl / us:.1%})"
             print(line, flush=True)
             found = []
-            for tile in sorted(tiles):
-                for cfg in variant_configs(tile, gated, r < d):
-                    triton_kernel.set_block_override(cfg)
+            for tile in cfgs:
+                for pairs in ((False, True) if r < d else (False,)):
+                    triton_kernel.set_block_override((*tile, pairs))
                     try:
-                        found.append((bench_op.bench(call, True, rep=20) * 1e3, cfg))
+                        found.append((bench_op.bench(call, True, rep=20) * 1e3, (*tile, pairs)))
                     except Exception as e:  # a config the compiler rejects
-                        print(f"  {cfg} failed: {type(e).__name__}: {e}"[:200])
+                        print(f"  {tile} failed: {type(e).__name__}: {e}"[:200])
             triton_kernel.set_block_override(None)
             found.sort()
             for us, cfg in found[:a.top]:
-                print(f"    {cfg} {us:8.2f} us ({floor / us:5.1%})")
-            worst = found[-1] if found else None
-            if worst:
-                print(f"    worst {worst[1]} {worst[0]:.2f} us", flush=True)
+                print(f"    {cfg} {us:8.2f} us ({floor / us:5.1%})", flush=True)
 
 
 def split_no_gate(inp, kw):
@@ -98,7 +85,7 @@ def main():
     a = ap.parse_args()
     bw = bench_op.copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s; "
-          f"configs (BLOCK_T, BLOCK_H, warps{', flat, persist, gate, pairs' * a.variants})")
+          f"configs (BLOCK_T, BLOCK_H, warps{', pairs' * a.variants})")
     if a.variants:
         return sweep_variants(a, bw)
     for name in a.shapes.split(","):

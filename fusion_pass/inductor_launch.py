@@ -6,7 +6,7 @@ launches the kernel: Python of ours on every call.  Here the pass inserts instea
 itself produces for a user ``@triton.jit`` kernel that mutates a graph input:
 
     empty = aten.empty.memory_format([T, H, D], ...)              # one per written output
-    out = triton_kernel_wrapper_functional(kernel_idx, constant_args_idx, grid=[(gx, gy, 1)],
+    out = triton_kernel_wrapper_functional(kernel_idx, constant_args_idx, grid=[(gx * gy, 1, 1)],
               tma_descriptor_metadata={}, kwargs={<every kernel arg by name>},
               tensors_to_clone=["k_base", "v_base", "q_out", ...])
     new_k_base = out["k_base"]; q = out["q_out"]; ...
@@ -87,8 +87,8 @@ WRAPPED_ARGS = (
     "vc_slot", "vc_head", "k_scale", "v_scale", "T", "HQ", "HKV", "D", "R", "GATE",
     "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX", "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG",
     "IS_FP8", "HAS_KS", "HAS_VS", "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G", "NQB",
-    "NKB", "NVB", "NGB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "PAIRS",
-    "FLAT", "PERSIST", "INTERP",
+    "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "PAIRS",
+    "INTERP",
 )
 
 
@@ -107,10 +107,10 @@ def fused_qkv_inductor_kernel(
     HAS_CACHE: tl.constexpr, SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr,
     HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
     WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
-    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr, NGB: tl.constexpr,
+    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    FLAT: tl.constexpr, PERSIST: tl.constexpr, INTERP: tl.constexpr,
+    INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset)."""
@@ -139,9 +139,8 @@ def fused_qkv_inductor_kernel(
         IS_NEOX=IS_NEOX, EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE,
         SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
         WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
-        NQB=NQB, NKB=NKB, NVB=NVB, NGB=NGB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, FLAT=FLAT, PERSIST=PERSIST,
-        INTERP=INTERP,
+        NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, INTERP=INTERP,
     )
 
 
@@ -203,8 +202,6 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
                           write_gate)
     if tiles is None:
         raise Unsupported("the op writes nothing")
-    if tiles.persist:  # its grid depends on the card's SM count: not part of a graph
-        raise Unsupported("persistent tiles")
     return tiles
 
 
@@ -448,12 +445,9 @@ def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off,
     gx = t_arg if bt == 1 else (
         triton.cdiv(t_arg, bt) if isinstance(t_arg, int) else
         b.call(operator.floordiv, (b.call(operator.add, (t_arg, bt - 1)), bt)))
-    if not tiles.flat:
-        grid = (gx, tiles.grid_y, 1)
-    elif isinstance(gx, int):
-        grid = (gx * tiles.grid_y, 1, 1)
-    else:
-        grid = (b.call(operator.mul, (gx, tiles.grid_y)), 1, 1)
+    # one grid axis, head tiles fastest (see fused_qkv_kernel)
+    grid = (gx * tiles.grid_y if isinstance(gx, int) else
+            b.call(operator.mul, (gx, tiles.grid_y)), 1, 1)
     node = b.call(hop, (), dict(kernel_idx=_kernel_idx(tiles.num_warps),
                                 constant_args_idx=side_table.add_constant_args({}),
                                 grid=[grid], tma_descriptor_metadata={},

@@ -1,15 +1,17 @@
 """The fused Triton kernel: split -> per-head RMSNorm -> RoPE -> paged KV-cache write.
 
-One launch does everything.  The grid is ``(token tiles, head tiles)`` where the head tiles
-enumerate, in order, the Q heads (with their gate, if any), the K heads and the V heads; a
-program handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of (token, head) rows of one region.
+One launch does everything.  Each program handles a ``[BLOCK_T * BLOCK_H, BLOCK_D]`` tile of
+(token, head) rows of one region; the head tiles enumerate, in order, the Q heads (with their
+gate, if any), the K heads and the V heads, and the one-axis grid runs through all head tiles
+of a token tile before the next token tile.
 
 Why this shape: the op is purely memory-bound, each byte is read once and written once or
 twice, and every (token, head) row is independent except for the norm's reduction over D,
 which stays inside one row of the tile.  For NeoX rope (the common case) a row is handled as
 three contiguous tiles, the two rotary halves and the unrotated tail, so element i of one half
 meets its partner i of the other in the same thread, and every access is a full-width vector.
-GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same cache line).
+GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same cache line),
+and so does NeoX when a tail that is not a power of two would leave tile lanes idle (PAIRS).
 """
 from __future__ import annotations
 
@@ -213,8 +215,7 @@ def _norm_rope(src, rows, rmask, d, j, e, w_ptr, eps, w_off, cos_ptr, sin_ptr, c
 
 
 @triton.jit
-def _program(
-    pid_t, pid_h,
+def fused_qkv_kernel(
     q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride, q_col, k_col, v_col,
     q_w, k_w, eps, w_off,
     cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
@@ -228,13 +229,18 @@ def _program(
     HAS_CACHE: tl.constexpr, SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr,
     HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
     WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
-    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr, NGB: tl.constexpr,
+    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """One (token tile, head tile) of the grid: Q heads (+ their gate unless NGB), K, V, then
-    (NGB > 0) gate-only tiles."""
+    # One grid axis, head tiles varying fastest: the programs resident at once then cover
+    # whole token rows (contiguous memory), which kept HBM busier than a (token, head) grid:
+    # +7% bandwidth at T=65536 on an H200 (benchmarks/tune_kernel.py --variants).
+    GY: tl.constexpr = NQB + NKB + NVB
+    pid = tl.program_id(0)
+    pid_t = pid // GY
+    pid_h = pid % GY
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     # NeoX rope works on the two rotary halves and the tail as separate tiles (SPLIT).
@@ -251,7 +257,7 @@ def _program(
     Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
     if pid_h < NQB:
         t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
-        if WRITE_G and NGB == 0:  # the gate of the same heads: its load in flight while Q is computed
+        if WRITE_G:  # the gate of the same heads: its load in flight while Q is computed
             m = rmask[:, None] & dm[None, :]
             if GATE == 1:
                 gcol = q_col + h * (2 * D) + D
@@ -266,7 +272,7 @@ def _program(
                                     EXPANDED, SPLIT)
             _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
-        if WRITE_G and NGB == 0:
+        if WRITE_G:
             tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], g, mask=m)
     elif pid_h < NQB + NKB:
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
@@ -300,78 +306,14 @@ def _program(
         if HAS_CACHE:
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
-    elif NGB > 0:  # constexpr: with no gate tiles there is no store through g_out here
-        # (Inductor's write analysis would count g_out, a dummy then, as written)
-        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB - NVB) * BLOCK_H, T, HQ, BLOCK_T,
-                                 BLOCK_H)
-        m = rmask[:, None] & dm[None, :]
-        if GATE == 1:
-            gcol = q_col + h * (2 * D) + D
-        else:
-            gcol = q_col + HQ * D + h * D
-        g = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=m)
-        tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], g, mask=m)
 
 
-@triton.jit
-def fused_qkv_kernel(
-    q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride, q_col, k_col, v_col,
-    q_w, k_w, eps, w_off,
-    cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
-    q_out, k_out, v_out, g_out,
-    k_cache, v_cache, slot_ptr, block_size, num_slots,
-    kc_blk, kc_slot, kc_head, vc_blk, vc_slot, vc_head,
-    k_scale, v_scale, T,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
-    IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_CACHE: tl.constexpr, SKIP_NEG: tl.constexpr, IS_FP8: tl.constexpr,
-    HAS_KS: tl.constexpr, HAS_VS: tl.constexpr, FP8_MAX: tl.constexpr,
-    WRITE_Q: tl.constexpr, WRITE_K: tl.constexpr, WRITE_V: tl.constexpr, WRITE_G: tl.constexpr,
-    NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr, NGB: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    FLAT: tl.constexpr, PERSIST: tl.constexpr, INTERP: tl.constexpr,
-):
-    """Grid ``(token tiles, head tiles)``, or (FLAT) one axis with the head tiles varying
-    fastest, so programs resident at once cover whole token rows; PERSIST: fewer programs,
-    each looping over the flat tiles."""
-    GY: tl.constexpr = NQB + NKB + NVB + NGB
-    if FLAT:
-        if PERSIST:
-            n = tl.cdiv(T, BLOCK_T) * GY
-            for pid in range(tl.program_id(0), n, tl.num_programs(0)):
-                _program(pid // GY, pid % GY, q_src, k_src, v_src, q_src_stride, k_src_stride,
-                         v_src_stride, q_col, k_col, v_col, q_w, k_w, eps, w_off, cos_ptr,
-                         sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows, q_out, k_out,
-                         v_out, g_out, k_cache, v_cache, slot_ptr, block_size, num_slots,
-                         kc_blk, kc_slot, kc_head, vc_blk, vc_slot, vc_head, k_scale, v_scale,
-                         T, HQ, HKV, D, R, GATE, HAS_NORM, HAS_QW, HAS_KW, IS_NEOX, EXPANDED,
-                         HAS_POS, HAS_CACHE, SKIP_NEG, IS_FP8, HAS_KS, HAS_VS, FP8_MAX,
-                         WRITE_Q, WRITE_K, WRITE_V, WRITE_G, NQB, NKB, NVB, NGB, BLOCK_T,
-                         BLOCK_H, BLOCK_D, BLOCK_HALF, BLOCK_TAIL, PAIRS, INTERP)
-            return
-        pid = tl.program_id(0)
-        pid_t = pid // GY
-        pid_h = pid % GY
-    else:
-        pid_t = tl.program_id(0)
-        pid_h = tl.program_id(1)
-    _program(pid_t, pid_h, q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride,
-             q_col, k_col, v_col, q_w, k_w, eps, w_off, cos_ptr, sin_ptr, cos_stride,
-             sin_stride, pos_ptr, table_rows, q_out, k_out, v_out, g_out, k_cache, v_cache,
-             slot_ptr, block_size, num_slots, kc_blk, kc_slot, kc_head, vc_blk, vc_slot,
-             vc_head, k_scale, v_scale, T, HQ, HKV, D, R, GATE, HAS_NORM, HAS_QW, HAS_KW,
-             IS_NEOX, EXPANDED, HAS_POS, HAS_CACHE, SKIP_NEG, IS_FP8, HAS_KS, HAS_VS, FP8_MAX,
-             WRITE_Q, WRITE_K, WRITE_V, WRITE_G, NQB, NKB, NVB, NGB, BLOCK_T, BLOCK_H,
-             BLOCK_D, BLOCK_HALF, BLOCK_TAIL, PAIRS, INTERP)
-
-
-_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps) forced by the tuning script only
+_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs]) forced by the tuning script
 
 
 def set_block_override(cfg) -> None:
-    """Force ``(BLOCK_T, BLOCK_H, num_warps)`` for every launch (None: the heuristic)."""
+    """Force ``(BLOCK_T, BLOCK_H, num_warps)`` or ``(..., pairs)`` for every launch (None: the
+    heuristic)."""
     global _BLOCK_OVERRIDE
     _BLOCK_OVERRIDE = cfg
 
@@ -394,38 +336,32 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
 
     BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
     K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
-    chain).  Large T (and mid T at D=256): tiles of ~2K elements; 32 elements per thread at
-    D=256, 16 at D<=128, were the fastest settings at T=4096 and 65536.
+    chain).  Large T (and mid T at D=256): tiles of 2K elements, 16 per thread (4 warps): at
+    D=256 that beat 32 per thread by 16% at T=65536 (94 registers a thread held occupancy to
+    31%).
     """
     block_d = _pow2(head_dim)
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
-    big_d = block_d > 128
     block_t = 1
-    if num_tokens >= _T_LARGE or (big_d and num_tokens >= _T_MID):
+    if num_tokens >= _T_LARGE or (block_d > 128 and num_tokens >= _T_MID):
         block_t = max(1, 2048 // (block_h * block_d))
-    elems = block_t * block_h * block_d
-    if num_tokens >= _T_LARGE and big_d:
-        num_warps = max(1, elems // 1024)
-    else:
-        num_warps = 4 if elems >= 1024 else 2
+    num_warps = 4 if block_t * block_h * block_d >= 1024 else 2
     return block_t, block_h, block_d, num_warps
+
+
+def _use_pairs(num_tokens: int, head_dim: int, rotary_dim: int) -> bool:
+    """NeoX through partner loads (one full-row tile) instead of half/half/tail tiles: when the
+    tail is not a power of two its tile has idle lanes (Qwen3-Next: 192 of 256), and at small T
+    the one tile was 0.4 us faster there; at large T the split tiles stay ahead."""
+    tail = head_dim - rotary_dim
+    return num_tokens < _T_MID and tail > 0 and tail & (tail - 1) != 0
 
 
 class TilePlan(NamedTuple):
     block_t: int  # tokens per program
-    grid_y: int  # head tiles of all regions
+    grid_y: int  # head tiles of all regions: the grid is cdiv(T, block_t) * grid_y programs
     num_warps: int
-    constexprs: dict  # NQB, NKB, NVB, NGB, BLOCK_*, PAIRS, FLAT, PERSIST
-    flat: bool  # one grid axis: cdiv(T, block_t) * grid_y programs, head tiles fastest
-    persist: int  # > 0 (flat only): at most this many programs per SM, each looping
-
-    def grid(self, num_tokens: int, num_sms: int = 1) -> tuple:
-        """The launch grid for ``num_tokens`` tokens."""
-        nt = _cdiv(num_tokens, self.block_t)
-        if not self.flat:
-            return (nt, self.grid_y)
-        n = nt * self.grid_y
-        return (min(n, self.persist * num_sms) if self.persist else n,)
+    constexprs: dict  # NQB, NKB, NVB, BLOCK_T, BLOCK_H, BLOCK_D, BLOCK_HALF, BLOCK_TAIL, PAIRS
 
 
 def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool,
@@ -435,41 +371,28 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
                      tuple(_BLOCK_OVERRIDE))
-    # _pick_blocks only tells T < _T_MID, < _T_LARGE and the rest apart: memoise on that
+    # _pick_blocks and _use_pairs only tell T < _T_MID, < _T_LARGE and the rest apart
     bucket = 1 if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
     return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, None)
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, override):
-    flat, persist, gate_progs, pairs = False, 0, False, False
     if override is not None:
         (block_t, block_h, num_warps), block_d = override[:3], _pow2(d)
-        if len(override) > 3:
-            flat, persist, gate_progs, pairs = override[3:]
+        pairs = bool(override[3]) if len(override) > 3 else False
     else:
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
-    gate_progs = gate_progs and write_gate
-    # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row),
-    # unless the gate has programs of its own (NGB)
-    nqb = _cdiv(hq, block_h) if (write_q or (write_gate and not gate_progs)) else 0
+        pairs = _use_pairs(num_tokens, d, rotary_dim)
+    # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
+    nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
     nkb = _cdiv(hkv, block_h) if run_k else 0
     nvb = _cdiv(hkv, block_h) if run_v else 0
-    ngb = _cdiv(hq, block_h) if gate_progs else 0
-    if nqb + nkb + nvb + ngb == 0:
+    if nqb + nkb + nvb == 0:
         return None
-    return TilePlan(block_t, nqb + nkb + nvb + ngb, num_warps, dict(
-        NQB=nqb, NKB=nkb, NVB=nvb, NGB=ngb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim), PAIRS=pairs,
-        FLAT=flat, PERSIST=persist > 0), flat, persist if flat else 0)
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(dev: torch.device) -> int:
-    """SMs of a CUDA device; 2 "SMs" on the CPU, so a persistent test grid still loops."""
-    if dev.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(dev).multi_processor_count
+    return TilePlan(block_t, nqb + nkb + nvb, num_warps, dict(
+        NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim), PAIRS=pairs))
 
 
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
@@ -534,7 +457,7 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         key_cache = value_cache = slot_mapping = q_out  # never dereferenced
         nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
     dummy = q_out
-    grid = tiles.grid(t, _num_sms(dev) if tiles.persist else 1)
+    grid = (_cdiv(t, tiles.block_t) * tiles.grid_y,)
     args = (
         q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
         q_col, k_col, v_col,

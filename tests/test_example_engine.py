@@ -127,3 +127,19 @@ def test_fusion_pass_tokens_match_eager(engine_and_eager):
     if candidates is not None:
         full = [c for c in candidates if getattr(c, "status", None) == "fused"]
         assert len(full) == model.config.num_layers, str(report)
+
+
+@pytest.mark.gpu
+def test_fusion_pass_tokens_match_eager_cuda():
+    """The same greedy check on a GPU, float32, the engine's CUDA sizes: the pass fuses every
+    layer through Inductor's own launch of the kernel, and the tokens do not move."""
+    from fusion_pass.inductor_launch import OP_NAME
+    model, engine = pd.build_engine("cuda", torch.float32)
+    tokens = pd.generate(engine, model, STEPS)
+    compiled, backend = pd.fused_forward(model, torch.device("cuda"))
+    with pd._no_compile_caches():
+        got = pd.generate(engine, compiled, STEPS)
+    assert torch.equal(got, tokens)
+    full = [c for c in backend.report.candidates if c.status == "fused"]
+    assert len(full) == model.config.num_layers, str(backend.report)
+    assert all(c.op == OP_NAME for c in full), str(backend.report)

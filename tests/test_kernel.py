@@ -67,19 +67,15 @@ def test_kernel_matches_reference(case, device):
     check_case(case, device)
 
 
-# Tile variants the tuning script sweeps (BLOCK_T, BLOCK_H, warps, flat grid, persistent
-# programs per SM, gate programs of their own, NeoX through the partner-load path).
-VARIANTS = [
-    (2, 1, 2, True, 0, False, False),
-    (1, 2, 2, True, 1, False, False),  # persistent: each program loops over several tiles
-    (2, 2, 2, False, 0, True, False),
-    (1, 1, 2, True, 0, True, True),
-    (4, 2, 2, True, 1, True, True),
-]
+# Tile shapes and rope paths the tuning script sweeps: (BLOCK_T, BLOCK_H, warps, pairs); pairs
+# runs NeoX through partner loads on one full-row tile.  Several token tiles per program, and
+# head tiles that do not divide the heads, over gated rows (the gate rides in Q programs).
+VARIANTS = [(2, 1, 2, False), (4, 2, 2, False), (1, 1, 2, True), (4, 2, 4, True), (2, 4, 1, True)]
 VARIANT_CASES = [
-    ("gate_interleaved", Case(gate=1, T=7)),
+    ("gate_interleaved", Case(gate=1, T=7, hq=3)),
     ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
     ("partial_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1, gate=1)),
+    ("partial_odd_tail", Case(d=96, rotary_dim=32, T=6)),
     ("skip_gate_out", Case(gate=1, writes=(True, True, True, False))),
     ("gate_only", Case(gate=1, writes=(False, False, False, True), cache=False)),
 ]
@@ -96,3 +92,13 @@ def test_tile_variants_match_reference(case, variant, device):
         check_case(case, device)
     finally:
         triton_kernel.set_block_override(None)
+
+
+def test_pairs_heuristic_only_for_small_t_and_odd_tails():
+    from kernels.triton_kernel import tile_plan
+    def pairs(t, d, r):
+        return tile_plan(t, 16, 2, d, r, True, True, True, True).constexprs["PAIRS"]
+    assert pairs(64, 256, 64)  # Qwen3-Next: a 192-wide tail
+    assert not pairs(4096, 256, 64)
+    assert not pairs(64, 128, 64)  # GLM-4.5: a 64-wide tail, a power of two
+    assert not pairs(64, 128, 128)  # full rotary
