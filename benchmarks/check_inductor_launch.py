@@ -458,7 +458,8 @@ def check_fx_cache():
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_qkv_fxcache_")
     try:
         reports = []
-        for _ in range(2):
+        for i in range(2):
+            Recorder.clear()  # launches counted per compile, not the earlier checks'
             # a form no other check compiles: the first compile must miss even if the cache
             # directory set above is not picked up (Inductor may have read it already)
             fn, args = build(Form(device="cuda", S=5, eps=1e-5))
@@ -476,7 +477,8 @@ def check_fx_cache():
             bypass = counters["inductor"]["fxgraph_cache_bypass"] + \
                 counters["aot_autograd"]["autograd_cache_bypass"]
             assert not bypass, f"cache bypassed: {dict(counters['inductor'])}"
-        assert_launch_used(reports[0])
+            if i == 0:
+                assert_launch_used(reports[0])
         assert hits and not reports[1].candidates, \
             f"second compile: {hits} cache hit(s), the pass ran: {reports[1]}"
     finally:
