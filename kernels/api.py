@@ -1,6 +1,7 @@
 """The documented eager entry point for engines that call the fused op by hand."""
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -52,7 +53,62 @@ def _halves(table: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return views
 
 
-def split_norm_rope_cache(
+class OpCall(NamedTuple):
+    """A validated call of the op: its arguments in schema order, ready to launch."""
+
+    direct: bool  # plain eager: the op's Python impl, skipping the dispatcher
+    head: tuple  # q_src ... table_expanded (the arguments both ops share)
+    cache: Optional[tuple]  # key_cache ... v_scale; None: the op without a cache write
+    flags: tuple  # return_q, return_k, return_v, return_gate
+
+
+def run(call: OpCall) -> FusedQKV:
+    """Launch a validated call (``prepare``'s result, or one with new tensors swapped in)."""
+    if call.cache is not None:
+        fn = split_norm_rope_cache_direct if call.direct else split_norm_rope_cache_op
+        out = fn(*call.head, *call.cache, *call.flags)
+        if call.direct:  # what the dispatcher would do for a mutated argument
+            torch.autograd.graph.increment_version((call.cache[0], call.cache[1]))
+    else:
+        fn = split_norm_rope_impl if call.direct else split_norm_rope_op
+        out = fn(*call.head, *call.flags)
+    return FusedQKV(*out)
+
+
+def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
+    """Split Q/K/V, RMSNorm Q and K per head, apply RoPE, write K and V into a paged cache.
+
+    Args:
+        qkv: packed projection ``[..., W]`` (vLLM style); or pass ``q``, ``k``, ``v``
+            separately (Hugging Face style).  Any row stride, last-dim stride 1; leading dims
+            are flattened into T tokens.
+        gate: ``None``, ``"interleaved"`` (per head ``[q_h | g_h]``) or ``"blocked"``
+            (``[q_all | g_all]``): the Q region is twice as wide and a gate is returned.
+        q_weight, k_weight: RMSNorm weights ``[head_dim]``; the norm multiplies by
+            ``weight + weight_offset`` (offset 1 for Gemma / Qwen3-Next).  ``apply_norm``
+            defaults to True when a weight is given (False: RoPE + cache only, e.g. Llama).
+        positions: ``[T]`` int32/int64 row of each token in the table.  Without it, the tables
+            are already per token (Hugging Face ``cos, sin`` of shape ``[..., T, C]``).
+        cos_sin_cache: vLLM table ``[max_pos, rotary_dim]``, cos half then sin half.
+        cos, sin: separate tables, last dim ``rotary_dim / 2`` or ``rotary_dim`` (expanded).
+        rotary_dim: rotated dims per head (default: the table's width, else head_dim).
+        is_neox: NeoX rotate-half pairs ``(i, i + r/2)``; False: GPT-J pairs ``(2i, 2i+1)``.
+        key_cache, value_cache: ``[num_blocks, block_size, H_kv, D]`` ("NHD") or
+            ``[num_blocks, H_kv, block_size, D]`` ("HND"); strided views allowed.  fp8 caches
+            (or uint8 with ``kv_cache_dtype="fp8_e4m3"/"fp8_e5m2"``) store ``x / scale``.
+        slot_mapping: ``[T]`` cache slot per token.  ``slot_mode="engine"``: a slot < 0 or past
+            the end writes nothing; ``"index"``: a negative slot counts from the end.
+
+    Returns:
+        ``FusedQKV(q, k, v, gate)`` with shapes ``[T, H, D]``.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    return run(prepare(qkv, **kwargs))
+
+
+def prepare(
     qkv: Optional[Tensor] = None,
     *,
     q: Optional[Tensor] = None,
@@ -85,32 +141,12 @@ def split_norm_rope_cache(
     return_k: bool = True,
     return_v: bool = True,
     return_gate: bool = True,
-) -> FusedQKV:
-    """Split Q/K/V, RMSNorm Q and K per head, apply RoPE, write K and V into a paged cache.
-
-    Args:
-        qkv: packed projection ``[..., W]`` (vLLM style); or pass ``q``, ``k``, ``v``
-            separately (Hugging Face style).  Any row stride, last-dim stride 1; leading dims
-            are flattened into T tokens.
-        gate: ``None``, ``"interleaved"`` (per head ``[q_h | g_h]``) or ``"blocked"``
-            (``[q_all | g_all]``): the Q region is twice as wide and a gate is returned.
-        q_weight, k_weight: RMSNorm weights ``[head_dim]``; the norm multiplies by
-            ``weight + weight_offset`` (offset 1 for Gemma / Qwen3-Next).  ``apply_norm``
-            defaults to True when a weight is given (False: RoPE + cache only, e.g. Llama).
-        positions: ``[T]`` int32/int64 row of each token in the table.  Without it, the tables
-            are already per token (Hugging Face ``cos, sin`` of shape ``[..., T, C]``).
-        cos_sin_cache: vLLM table ``[max_pos, rotary_dim]``, cos half then sin half.
-        cos, sin: separate tables, last dim ``rotary_dim / 2`` or ``rotary_dim`` (expanded).
-        rotary_dim: rotated dims per head (default: the table's width, else head_dim).
-        is_neox: NeoX rotate-half pairs ``(i, i + r/2)``; False: GPT-J pairs ``(2i, 2i+1)``.
-        key_cache, value_cache: ``[num_blocks, block_size, H_kv, D]`` ("NHD") or
-            ``[num_blocks, H_kv, block_size, D]`` ("HND"); strided views allowed.  fp8 caches
-            (or uint8 with ``kv_cache_dtype="fp8_e4m3"/"fp8_e5m2"``) store ``x / scale``.
-        slot_mapping: ``[T]`` cache slot per token.  ``slot_mode="engine"``: a slot < 0 or past
-            the end writes nothing; ``"index"``: a negative slot counts from the end.
+) -> OpCall:
+    """Validate the arguments of :func:`split_norm_rope_cache` (the same names and defaults)
+    and return the op call, without launching it (``FusedQKVLayer`` keeps it for later steps).
 
     Returns:
-        ``FusedQKV(q, k, v, gate)`` with shapes ``[T, H, D]``.
+        The :class:`OpCall`; :func:`run` launches it.
 
     Raises:
         ValueError / TypeError naming the offending argument.
@@ -233,18 +269,18 @@ def split_norm_rope_cache(
             q_weight, k_weight, bool(apply_norm), float(eps), float(weight_offset),
             cos_t, sin_t, positions, r, bool(is_neox), expanded)
     flags = (return_q, return_k, return_v, return_gate)
+    cache = None
     if has_cache:
         if k_scale is not None:
             k_scale = k_scale.reshape(())
         if v_scale is not None:
             v_scale = v_scale.reshape(())
-        fn = split_norm_rope_cache_direct if direct else split_norm_rope_cache_op
         slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
-        out = fn(*head, key_cache, value_cache, slots, CACHE_LAYOUTS[cache_layout],
-                 slot_mode == "engine", kv_cache_dtype, k_scale, v_scale, *flags)
-        if direct:  # what the dispatcher would do for a mutated argument
-            torch.autograd.graph.increment_version((key_cache, value_cache))
-    else:
-        fn = split_norm_rope_impl if direct else split_norm_rope_op
-        out = fn(*head, *flags)
-    return FusedQKV(*out)
+        cache = (key_cache, value_cache, slots, CACHE_LAYOUTS[cache_layout],
+                 slot_mode == "engine", kv_cache_dtype, k_scale, v_scale)
+    return OpCall(direct, head, cache, flags)
+
+
+# help() and IDEs show the full keyword list on the entry point
+split_norm_rope_cache.__signature__ = inspect.signature(prepare).replace(
+    return_annotation=FusedQKV)

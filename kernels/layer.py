@@ -12,9 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import FusedQKV, _tracing, split_norm_rope_cache
-from .custom_op import split_norm_rope_cache_direct
-from .op_schema import CACHE_LAYOUTS, GATE_LAYOUTS
+from .api import FusedQKV, OpCall, _tracing, prepare, run
 
 
 class FusedQKVLayer:
@@ -38,7 +36,7 @@ class FusedQKVLayer:
                 raise ValueError(f"FusedQKVLayer: {name} is required")
         self._kw = kwargs
         self._sig: Optional[tuple] = None  # what the validated call looked like
-        self._args: Optional[tuple] = None  # the op's arguments around (qkv, positions, slots)
+        self._call: Optional[OpCall] = None  # that call, validated by the entry point
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         sig = self._sig
@@ -51,40 +49,18 @@ class FusedQKVLayer:
                     (t < 2 or positions.stride(0) == 1 and slot_mapping.stride(0) == 1) and \
                     not _tracing():
                 return self._launch(qkv, positions, slot_mapping, t)
-        out = split_norm_rope_cache(qkv, positions=positions, slot_mapping=slot_mapping,
-                                    **self._kw)
-        if not _tracing() and qkv.dim() == 2:  # validated: later calls like it take the fast path
-            self._bind(qkv, positions, slot_mapping)
-        return out
-
-    def _bind(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> None:
-        kw = self._kw
-        hq, hkv, d = kw["num_q_heads"], kw["num_kv_heads"], kw["head_dim"]
-        gate = GATE_LAYOUTS[kw.get("gate")]
-        q_width = hq * d * (2 if gate else 1)
-        table = kw["cos_sin_cache"]
-        r = kw.get("rotary_dim") or table.shape[-1]
-        q_w, k_w = kw.get("q_weight"), kw.get("k_weight")
-        apply_norm = kw.get("apply_norm")
-        if apply_norm is None:
-            apply_norm = q_w is not None or k_w is not None
-        ks, vs = kw.get("k_scale"), kw.get("v_scale")
-        head = (0, q_width, q_width + hkv * d, hq, hkv, d, gate, q_w, k_w, bool(apply_norm),
-                float(kw.get("eps", 1e-6)), float(kw.get("weight_offset", 0.0)),
-                table[:, : r // 2], table[:, r // 2: r])
-        tail = (r, bool(kw.get("is_neox", True)), False, kw["key_cache"], kw["value_cache"])
-        cache = (CACHE_LAYOUTS[kw.get("cache_layout", "NHD")],
-                 kw.get("slot_mode", "engine") == "engine", kw.get("kv_cache_dtype", "auto"),
-                 None if ks is None else ks.reshape(()), None if vs is None else vs.reshape(()),
-                 kw.get("return_q", True), kw.get("return_k", True), kw.get("return_v", True),
-                 kw.get("return_gate", True))
-        self._args = (head, tail, cache)
-        self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
-                     positions.device, slot_mapping.dtype, slot_mapping.device)
+        call = prepare(qkv, positions=positions, slot_mapping=slot_mapping, **self._kw)
+        if call.direct and qkv.dim() == 2:  # validated: later calls like it take the fast path
+            self._call = call
+            self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
+                         positions.device, slot_mapping.dtype, slot_mapping.device)
+        return run(call)
 
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:
-        head, tail, cache = self._args
+        """The validated call with this step's tensors swapped in (the entry point's argument
+        order: q/k/v sources first, positions at 17; slots third in the cache part)."""
+        c = self._call
+        h = c.head
         slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
-        out = split_norm_rope_cache_direct(qkv, qkv, qkv, *head, positions, *tail, slots, *cache)
-        torch.autograd.graph.increment_version((tail[3], tail[4]))
-        return FusedQKV(*out)
+        return run(OpCall(True, (qkv, qkv, qkv) + h[3:17] + (positions,) + h[18:],
+                          c.cache[:2] + (slots,) + c.cache[3:], c.flags))

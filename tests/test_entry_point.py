@@ -147,3 +147,15 @@ def test_misuse_is_rejected_with_a_clear_error(over, exc, words):
         split_norm_rope_cache(**dict(kw, **over))
     assert words in str(info.value), str(info.value)
     torch.testing.assert_close(kw["key_cache"], kc0)  # nothing corrupted
+
+
+def test_signature_lists_every_keyword_and_rejects_unknown_ones():
+    import inspect
+
+    from kernels import split_norm_rope_cache
+    from kernels.api import prepare
+    params = inspect.signature(split_norm_rope_cache).parameters
+    assert list(params) == list(inspect.signature(prepare).parameters)
+    assert {"num_q_heads", "cos_sin_cache", "slot_mapping", "return_gate"} <= set(params)
+    with pytest.raises(TypeError, match="num_q_head"):
+        split_norm_rope_cache(torch.randn(2, 8), num_q_head=1)

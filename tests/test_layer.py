@@ -36,9 +36,8 @@ def test_layer_equals_entry_point_over_steps(device, monkeypatch):
               for k, v in kw.items()}
     layer = FusedQKVLayer(**kw)
     full_calls = []
-    real = layer_mod.split_norm_rope_cache
-    monkeypatch.setattr(layer_mod, "split_norm_rope_cache",
-                        lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    real = layer_mod.prepare
+    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
     for step, t in enumerate((5, 1, 3, 1)):
         qkv, pos, slots = _inputs(device, t, seed=step)
         got = layer(qkv, pos, slots)
