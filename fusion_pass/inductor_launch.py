@@ -191,8 +191,8 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for T = 1
-    (BLOCK_T = 1, T * head tiles programs), fixed at compile time: right for decode and small batches, but
-    slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
+    (BLOCK_T = 1, T x head-tiles programs), fixed at compile time: right for decode and small
+    batches, but slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
     that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
     winner for every later T.)"""
     static_t = isinstance(T, int)
