@@ -70,7 +70,8 @@ def test_kernel_matches_reference(case, device):
 # Tile shapes and rope paths the tuning script sweeps: (BLOCK_T, BLOCK_H, warps, pairs); pairs
 # runs NeoX through partner loads on one full-row tile.  Several token tiles per program, and
 # head tiles that do not divide the heads, over gated rows (the gate rides in Q programs).
-VARIANTS = [(2, 1, 2, False), (4, 2, 2, False), (1, 1, 2, True), (4, 2, 4, True), (2, 4, 1, True)]
+VARIANTS = [(2, 1, 2, False), (4, 2, 2, False), (1, 1, 2, True), (4, 2, 4, True), (2, 4, 1, True),
+            (2, 4, 1, False)]  # the last: the mid-T pick for many-head models
 VARIANT_CASES = [
     ("gate_interleaved", Case(gate=1, T=7, hq=3)),
     ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
@@ -102,3 +103,11 @@ def test_pairs_heuristic_only_for_small_t_and_odd_tails():
     assert not pairs(4096, 256, 64)
     assert not pairs(64, 128, 64)  # GLM-4.5: a 64-wide tail, a power of two
     assert not pairs(64, 128, 128)  # full rotary
+
+
+def test_mid_t_tiles_for_many_head_models():
+    from kernels.triton_kernel import _pick_blocks
+    assert _pick_blocks(256, 128, 96, 8) == (2, 4, 128, 1)  # GLM-4.5
+    assert _pick_blocks(256, 128, 32, 8) == (1, 8, 128, 4)  # Qwen3-8B keeps one token
+    assert _pick_blocks(64, 128, 96, 8) == (1, 8, 128, 4)  # decode sizes unchanged
+    assert _pick_blocks(1024, 128, 96, 8) == (2, 8, 128, 4)  # large T unchanged
