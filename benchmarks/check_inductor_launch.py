@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     "view": (dict(), False),
     "view_dyn": (dict(), True),
-    "view_dyn_block_t2": (dict(), True),  # BLOCK_T forced to 2: grid x is (T + 1) // 2 in-graph
+    "view_dyn_block_t2": (dict(), True),  # BLOCK_T forced to 2: ((T + 1) // 2) * tiles in-graph
     "index_put": (dict(cache="index_put"), False),
     "index_copy": (dict(cache="index_copy"), False),
     "nhd": (dict(cache="nhd"), False),

@@ -191,8 +191,9 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for T = 1
-    (BLOCK_T = 1, T x head-tiles programs), fixed at compile time: right for decode and small
-    batches, but slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
+    (BLOCK_T = 1, T x head-tiles programs; NeoX through partner loads when the unrotated tail
+    is not a power of two), fixed at compile time: right for decode and small batches, but
+    slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
     that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
     winner for every later T.)"""
     static_t = isinstance(T, int)
@@ -446,8 +447,8 @@ def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off,
         triton.cdiv(t_arg, bt) if isinstance(t_arg, int) else
         b.call(operator.floordiv, (b.call(operator.add, (t_arg, bt - 1)), bt)))
     # one grid axis, head tiles fastest (see fused_qkv_kernel)
-    grid = (gx * tiles.grid_y if isinstance(gx, int) else
-            b.call(operator.mul, (gx, tiles.grid_y)), 1, 1)
+    grid = (gx * tiles.head_tiles if isinstance(gx, int) else
+            b.call(operator.mul, (gx, tiles.head_tiles)), 1, 1)
     node = b.call(hop, (), dict(kernel_idx=_kernel_idx(tiles.num_warps),
                                 constant_args_idx=side_table.add_constant_args({}),
                                 grid=[grid], tma_descriptor_metadata={},

@@ -62,6 +62,11 @@ class OpCall(NamedTuple):
     flags: tuple  # return_q, return_k, return_v, return_gate
 
 
+# Where the per-step tensors sit in OpCall.head / .cache (head[0:3] are q_src, k_src, v_src)
+HEAD_POSITIONS = 17
+CACHE_SLOTS = 2
+
+
 def run(call: OpCall) -> FusedQKV:
     """Launch a validated call (``prepare``'s result, or one with new tensors swapped in)."""
     if call.cache is not None:
@@ -283,4 +288,4 @@ def prepare(
 
 # help() and IDEs show the full keyword list on the entry point
 split_norm_rope_cache.__signature__ = inspect.signature(prepare).replace(
-    return_annotation=FusedQKV)
+    return_annotation="FusedQKV")

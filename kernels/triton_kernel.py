@@ -293,7 +293,7 @@ def fused_qkv_kernel(
                   _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
-    elif pid_h < NQB + NKB + NVB:
+    else:  # V (the grid has exactly NQB + NKB + NVB head tiles)
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
@@ -327,7 +327,7 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-_T_MID, _T_LARGE = 256, 1024  # the only token counts at which _pick_blocks changes its mind
+_T_MID, _T_LARGE = 256, 1024  # the only token counts at which the tile choice changes
 
 
 def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
@@ -363,7 +363,7 @@ def _use_pairs(num_tokens: int, head_dim: int, rotary_dim: int) -> bool:
 
 class TilePlan(NamedTuple):
     block_t: int  # tokens per program
-    grid_y: int  # head tiles of all regions: the grid is cdiv(T, block_t) * grid_y programs
+    head_tiles: int  # of all regions: the grid is cdiv(T, block_t) * head_tiles programs
     num_warps: int
     constexprs: dict  # NQB, NKB, NVB, BLOCK_T, BLOCK_H, BLOCK_D, BLOCK_HALF, BLOCK_TAIL, PAIRS
 
@@ -461,7 +461,7 @@ def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
         key_cache = value_cache = slot_mapping = q_out  # never dereferenced
         nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
     dummy = q_out
-    grid = (_cdiv(t, tiles.block_t) * tiles.grid_y,)
+    grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
     args = (
         q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
         q_col, k_col, v_col,

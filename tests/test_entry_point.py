@@ -155,7 +155,32 @@ def test_signature_lists_every_keyword_and_rejects_unknown_ones():
     from kernels import split_norm_rope_cache
     from kernels.api import prepare
     params = inspect.signature(split_norm_rope_cache).parameters
-    assert list(params) == list(inspect.signature(prepare).parameters)
     assert {"num_q_heads", "cos_sin_cache", "slot_mapping", "return_gate"} <= set(params)
-    with pytest.raises(TypeError, match="num_q_head"):
-        split_norm_rope_cache(torch.randn(2, 8), num_q_head=1)
+    assert params["eps"].default == inspect.signature(prepare).parameters["eps"].default == 1e-6
+    table = torch.randn(8, 8)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_q_head'"):
+        split_norm_rope_cache(torch.randn(2, 48), num_q_heads=2, num_kv_heads=1, head_dim=16,
+                              positions=torch.zeros(2, dtype=torch.long), cos_sin_cache=table,
+                              num_q_head=1)
+
+
+def test_cache_versions_bumped_like_an_inplace_op():
+    """Autograd's version counter of both caches moves on every write (the entry point's
+    direct path and FusedQKVLayer's fast path), as the dispatcher does for a mutated arg."""
+    from kernels import FusedQKVLayer, split_norm_rope_cache
+    hkv, d, t = 1, 64, 3
+    kc, vc = torch.randn(2, 4, hkv, d), torch.randn(2, 4, hkv, d)
+    table = torch.randn(8, d)
+    kw = dict(num_q_heads=2, num_kv_heads=hkv, head_dim=d, cos_sin_cache=table,
+              key_cache=kc, value_cache=vc)
+    qkv = torch.randn(t, 4 * d)
+    pos, slots = torch.arange(t), torch.arange(t)
+    before = kc._version, vc._version
+    split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **kw)
+    after = kc._version, vc._version
+    assert after[0] > before[0] and after[1] > before[1]
+    layer = FusedQKVLayer(**kw)
+    layer(qkv, pos, slots)  # validated
+    mid = kc._version, vc._version
+    layer(qkv, pos, slots)  # fast path
+    assert kc._version > mid[0] and vc._version > mid[1]

@@ -76,7 +76,9 @@ VARIANT_CASES = [
     ("gate_interleaved", Case(gate=1, T=7, hq=3)),
     ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
     ("partial_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1, gate=1)),
-    ("partial_odd_tail", Case(d=96, rotary_dim=32, T=6)),
+    ("partial_d96", Case(d=96, rotary_dim=32, T=6)),
+    ("odd_tail", Case(d=80, rotary_dim=32, T=4)),  # a 48-wide tail
+    ("expanded_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1, table="expanded")),
     ("skip_gate_out", Case(gate=1, writes=(True, True, True, False))),
     ("gate_only", Case(gate=1, writes=(False, False, False, True), cache=False)),
 ]
@@ -90,6 +92,10 @@ def test_tile_variants_match_reference(case, variant, device):
     torch.manual_seed(zlib.crc32(str(case).encode()))
     triton_kernel.set_block_override(variant)
     try:
+        plan = triton_kernel.tile_plan(case.T, case.hq, case.hkv, case.d,
+                                       case.rotary_dim or case.d, True, True, True, True)
+        c = plan.constexprs
+        assert (plan.block_t, c["BLOCK_H"], plan.num_warps, c["PAIRS"]) == variant
         check_case(case, device)
     finally:
         triton_kernel.set_block_override(None)

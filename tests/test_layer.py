@@ -65,6 +65,22 @@ def test_layer_still_rejects_bad_inputs(device):
     assert torch.equal(kw["key_cache"], before), "a rejected call wrote the cache"
 
 
+def test_layer_keeps_no_step_tensors():
+    """The validated call is kept without the first step's qkv/positions/slots (a prefill's
+    qkv must not live as long as the layer)."""
+    import gc
+    import weakref
+    kw = _bound("cpu")
+    layer = FusedQKVLayer(**kw)
+    qkv, pos, slots = _inputs("cpu", 5)
+    refs = [weakref.ref(x) for x in (qkv, pos, slots)]
+    out = layer(qkv, pos, slots)
+    del qkv, pos, slots, out
+    gc.collect()
+    assert all(r() is None for r in refs)
+    layer(*_inputs("cpu", 2, seed=3))  # and the fast path still works
+
+
 def test_layer_binding_errors():
     kw = _bound("cpu")
     with pytest.raises(TypeError, match="positions"):
