@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, tuning sweep, launch profile, benchmark; logs under $OUT.
 #   TESTS="tests/..." (default: all; "none": skip)   BENCH="--quick ..." (unset: no benchmark)
-#   TUNE="--tokens ..." (unset: no sweep)            PROFILE=1 (host-overhead profile)
+#   TUNE="--tokens ..." (unset: no sweep; "--variants [--no-gate] ...": rope paths / gate-less)
+#   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~5 min)
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,6 +13,10 @@ TESTS=${TESTS:-tests}
 if [ "$TESTS" != "none" ]; then
   timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS -rf 2>&1 \
     | tail -${TEST_TAIL:-30} | tee "$OUT/gpu_tests.txt"
+fi
+if [ -n "${HF:-}" ]; then
+  timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_models_hf.py \
+    -rf > "$OUT/hf_models.txt" 2>&1; tail -3 "$OUT/hf_models.txt"
 fi
 if [ -n "${LAUNCH_CHECK:-}" ]; then
   [ "$LAUNCH_CHECK" = 1 ] && LAUNCH_CHECK=""

@@ -35,10 +35,14 @@ def configs(block_d: int) -> list:
 
 def sweep_variants(a, bw) -> None:
     """Per shape and T: the heuristic, the op without its gate output, and every tile of
-    ``configs`` with and without PAIRS (NeoX through partner loads) where there is a tail."""
+    ``configs`` with and without PAIRS (NeoX through partner loads) where there is a tail.
+    ``--no-gate``: the tiles are swept on the gated shapes' call without the gate output (what
+    a compiled chain that keeps the gate as a view launches)."""
     for name in a.shapes.split(","):
         hq, hkv, d, r, gated, _ = bench_op.SHAPES[name]
         cfgs = configs(triton.next_power_of_2(d))
+        if a.no_gate and not gated:
+            continue
         for t in map(int, a.tokens.split(",")):
             inp, kw, cbytes = bench_op.make_inputs(name, t, False)
             call = lambda: bench_op.fused(*inp, **kw, opaque=False)  # noqa: E731
@@ -52,6 +56,8 @@ def sweep_variants(a, bw) -> None:
                 fl = floor - t * hq * d * 2 * 2 / bw * 1e6
                 line += f"; no gate out {us:.2f} us ({fl / us:.1%})"
             print(line, flush=True)
+            if a.no_gate:  # sweep the gate-less call against its own floor
+                call, floor = nog, fl
             found = []
             for tile in cfgs:
                 for pairs in ((False, True) if r < d else (False,)):
@@ -82,6 +88,8 @@ def main():
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(bench_op.SHAPES))
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="with --variants: sweep the gated shapes' call without the gate output")
     a = ap.parse_args()
     bw = bench_op.copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s; "
