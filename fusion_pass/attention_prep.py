@@ -421,25 +421,23 @@ def _call(b: Builder, op, args: tuple, opts: FusionOptions, kc: Optional[dict] =
     With ``opts.inductor_launch``, Inductor's generated code launches the Triton kernel itself
     (no Python of ours per call: ``inductor_launch``); where that path cannot be used (CPU,
     Triton's interpreter, ...) the custom op, through ``auto_functionalized_v2``."""
+    def insert(fused, fused_with_cache):  # rewrite's and inductor_launch's take the same args
+        if kc is None:
+            return fused(b, op, args)[1], {}
+        return fused_with_cache(b, op, args, kc, vc)[1:]
+
     if opts.inductor_launch:
         try:
-            if kc is None:
-                _, outs = inductor_launch.call_fused(b, op, args)
-                return outs, {}, inductor_launch.OP_NAME
-            _, outs, new_bases = inductor_launch.call_fused_with_cache(b, op, args, kc, vc)
-            return outs, new_bases, inductor_launch.OP_NAME
+            return (*insert(inductor_launch.call_fused, inductor_launch.call_fused_with_cache),
+                    inductor_launch.OP_NAME)
         except inductor_launch.Unsupported as e:
             if tensor_val(args[0]).device.type == "cuda":  # elsewhere the custom op is the plan
                 log.debug("Inductor launch not used, custom op instead: %s", e)
         except Exception as e:  # a bug there must not cost the fusion: the custom op still works
             log.warning("Inductor launch failed, custom op instead: %s: %s", type(e).__name__, e,
                         exc_info=log.isEnabledFor(logging.DEBUG))
-    name = f"fused_qkv.{op._schema.name.split('::')[-1]}"
-    if kc is None:
-        _, outs = call_fused(b, op, args)
-        return outs, {}, name
-    _, outs, new_bases = call_fused_with_cache(b, op, args, kc, vc)
-    return outs, new_bases, name
+    return (*insert(call_fused, call_fused_with_cache),
+            f"fused_qkv.{op._schema.name.split('::')[-1]}")
 
 
 def _insertion_point(graph: Graph, nodes) -> Node:

@@ -447,8 +447,7 @@ def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off,
         triton.cdiv(t_arg, bt) if isinstance(t_arg, int) else
         b.call(operator.floordiv, (b.call(operator.add, (t_arg, bt - 1)), bt)))
     # one grid axis, head tiles fastest (see fused_qkv_kernel)
-    grid = (gx * tiles.head_tiles if isinstance(gx, int) else
-            b.call(operator.mul, (gx, tiles.head_tiles)), 1, 1)
+    grid = (syms.mul(gx, tiles.head_tiles), 1, 1)
     node = b.call(hop, (), dict(kernel_idx=_kernel_idx(tiles.num_warps),
                                 constant_args_idx=side_table.add_constant_args({}),
                                 grid=[grid], tma_descriptor_metadata={},

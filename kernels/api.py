@@ -61,10 +61,17 @@ class OpCall(NamedTuple):
     cache: Optional[tuple]  # key_cache ... v_scale; None: the op without a cache write
     flags: tuple  # return_q, return_k, return_v, return_gate
 
+    def with_step(self, qkv, positions, slots) -> "OpCall":
+        """The same call for another step's packed ``qkv``, ``positions`` and ``slots`` (None:
+        drop them, so that a kept call holds only the fixed arguments)."""
+        h, c = self.head, self.cache
+        return OpCall(self.direct, (qkv, qkv, qkv) + h[3:_POSITIONS] + (positions,) +
+                      h[_POSITIONS + 1:], c[:_SLOTS] + (slots,) + c[_SLOTS + 1:], self.flags)
+
 
 # Where the per-step tensors sit in OpCall.head / .cache (head[0:3] are q_src, k_src, v_src)
-HEAD_POSITIONS = 17
-CACHE_SLOTS = 2
+_POSITIONS = 17
+_SLOTS = 2
 
 
 def run(call: OpCall) -> FusedQKV:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import CACHE_SLOTS, HEAD_POSITIONS, FusedQKV, OpCall, _tracing, prepare, run
+from .api import FusedQKV, OpCall, _tracing, prepare, run
 
 
 class FusedQKVLayer:
@@ -54,19 +54,12 @@ class FusedQKVLayer:
         if call.direct and qkv.dim() == 2:  # validated: later calls like it take the fast path
             # keep the fixed arguments only: this step's tensors (a prefill's qkv can be
             # hundreds of MB) must not live as long as the layer
-            h, c = call.head, call.cache
-            self._call = call._replace(
-                head=(None,) * 3 + h[3:HEAD_POSITIONS] + (None,) + h[HEAD_POSITIONS + 1:],
-                cache=c[:CACHE_SLOTS] + (None,) + c[CACHE_SLOTS + 1:])
+            self._call = call.with_step(None, None, None)
             self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
                          positions.device, slot_mapping.dtype, slot_mapping.device)
         return out
 
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:
         """The validated call with this step's tensors swapped in."""
-        c = self._call
-        h = c.head
         slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
-        return run(OpCall(True, (qkv, qkv, qkv) + h[3:HEAD_POSITIONS] + (positions,) +
-                          h[HEAD_POSITIONS + 1:],
-                          c.cache[:CACHE_SLOTS] + (slots,) + c.cache[CACHE_SLOTS + 1:], c.flags))
+        return run(self._call.with_step(qkv, positions, slots))
