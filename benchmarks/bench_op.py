@@ -4,9 +4,10 @@ Prints, per (model shape, layout, T): median time of each implementation, the fl
 that must move / measured copy bandwidth), the fused op's fraction of that bandwidth, and
 speed-ups against the baselines.  Every implementation is timed as CUDA-graph replays (device
 time, no host launch cost).  The floor is the larger of the bytes floor and one empty kernel
-launch in a CUDA graph.
+launch in a CUDA graph; "copy" is a device copy of the same bytes replayed in a CUDA graph,
+the floor as the hardware meets it at small T.
 
-    python benchmarks/bench_op.py [--quick] [--csv out.csv]
+    python benchmarks/bench_op.py [--quick] [--csv out.csv] [--floors 1,16,64,256]
 """
 from __future__ import annotations
 
@@ -121,6 +122,14 @@ def launch_floor_us() -> float:
     return bench(lambda: _touch[(1,)](x), graph=True) * 1e3
 
 
+def copy_floor_us(nbytes: int) -> float:
+    """A device-to-device copy moving ``nbytes`` in all (half read, half written), replayed in
+    a CUDA graph: what the hardware does with the op's bytes and one launch, nothing else."""
+    x = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return bench(lambda: y.copy_(x), graph=True) * 1e3
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -191,11 +200,28 @@ def host_overhead() -> None:
           f"{layer_us:.1f} us/call")
 
 
+def print_floors(args, bw: float, launch_us: float) -> None:
+    """The fused op beside its floors: bytes / copy bandwidth, one empty launch, and a copy of
+    the same bytes in a CUDA graph (the last is what any kernel moving them takes)."""
+    print(f"{'shape':11} {'T':>6} | {'fused':>7} {'bytes':>7} {'launch':>7} {'copy':>7} | "
+          f"{'fused/copy':>10}")
+    for name in args.shapes.split(","):
+        for t in map(int, args.floors.split(",")):
+            inp, kw, cbytes = make_inputs(name, t, False)
+            us = bench(lambda: fused(*inp, **kw, opaque=False), True) * 1e3
+            fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
+            cp = copy_floor_us(fb)
+            print(f"{name:11} {t:>6} | {us:7.2f} {fb / bw * 1e6:7.2f} {launch_us:7.2f} "
+                  f"{cp:7.2f} | {us / cp:10.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer T, NHD only")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--floors", default=None, metavar="T,T,...",
+                    help="only the fused op against its floors at these T (NHD)")
     args = ap.parse_args()
     torch.manual_seed(0)
     # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.
@@ -209,12 +235,14 @@ def main():
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"empty launch in a CUDA graph {launch_us:.2f} us")
+    if args.floors:
+        return print_floors(args, bw, launch_us)
     host_overhead()
     tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
     layouts = (False,) if args.quick else (False, True)
     hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>8} {'compile':>8} {'c+opaque':>8} "
-           f"{'fused':>7} {'+pass':>7} {'floor':>7} | {'%bw':>5} {'x eager':>7} {'x comp':>6} "
-           f"{'x opq':>6} {'pass/opq':>8}")
+           f"{'fused':>7} {'+pass':>7} {'floor':>7} {'copy':>7} | {'%bw':>5} {'x eager':>7} "
+           f"{'x comp':>6} {'x opq':>6} {'pass/opq':>8}")
     print(hdr)
     out = open(args.csv, "w", newline="") if args.csv else None
     writer = None
@@ -243,9 +271,11 @@ def main():
                         res[label] = float("nan")
                 fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
                 floor_us = max(fb / bw * 1e6, launch_us)
+                copy_us = copy_floor_us(fb)
                 pct = floor_us / res["fused"] * 100
                 row = dict(shape=name, layout="HND" if hnd else "NHD", T=t, floor_us=floor_us,
-                           bw_frac=pct / 100, **{k + "_us": v for k, v in res.items()})
+                           copy_us=copy_us, bw_frac=pct / 100,
+                           **{k + "_us": v for k, v in res.items()})
                 if out is not None:  # row by row: a run cut short keeps what it measured
                     if writer is None:
                         writer = csv.DictWriter(out, fieldnames=list(row.keys()))
@@ -254,7 +284,7 @@ def main():
                     out.flush()
                 print(f"{name:11} {'HND' if hnd else 'NHD':3} {t:>6} | {res['eager']:8.2f} "
                       f"{res['compile']:8.2f} {res['c+opaque']:8.2f} {res['fused']:7.2f} "
-                      f"{res['pass']:7.2f} {floor_us:7.2f} | {pct:5.1f} "
+                      f"{res['pass']:7.2f} {floor_us:7.2f} {copy_us:7.2f} | {pct:5.1f} "
                       f"{res['eager'] / res['fused']:7.2f} {res['compile'] / res['fused']:6.2f} "
                       f"{res['c+opaque'] / res['fused']:6.2f} {res['c+opaque'] / res['pass']:8.2f}",
                       flush=True)
