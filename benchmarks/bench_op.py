@@ -220,6 +220,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer T, NHD only")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--host", action="store_true", help="only the host-overhead lines")
     ap.add_argument("--floors", default=None, metavar="T,T,...",
                     help="only the fused op against its floors at these T (NHD)")
     args = ap.parse_args()
@@ -238,6 +239,8 @@ def main():
     if args.floors:
         return print_floors(args, bw, launch_us)
     host_overhead()
+    if args.host:
+        return
     tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
     layouts = (False,) if args.quick else (False, True)
     hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>8} {'compile':>8} {'c+opaque':>8} "

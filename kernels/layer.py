@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .api import FusedQKV, OpCall, _tracing, prepare, run
+from .custom_op import _use_triton
 
 
 class FusedQKVLayer:
@@ -37,6 +38,7 @@ class FusedQKVLayer:
         self._kw = kwargs
         self._sig: Optional[tuple] = None  # what the validated call looked like
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
+        self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         sig = self._sig
@@ -55,6 +57,12 @@ class FusedQKVLayer:
             # keep the fixed arguments only: this step's tensors (a prefill's qkv can be
             # hundreds of MB) must not live as long as the layer
             self._call = call.with_step(None, None, None)
+            self._bound = None
+            if call.cache is not None and _use_triton(qkv.device):
+                from .triton_kernel import BoundLaunch  # triton is imported lazily
+
+                self._bound = BoundLaunch(*call.head, *call.cache, *call.flags,
+                                          share_empty=True)
             self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
                          positions.device, slot_mapping.dtype, slot_mapping.device)
         return out
@@ -62,4 +70,9 @@ class FusedQKVLayer:
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:
         """The validated call with this step's tensors swapped in."""
         slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
-        return run(self._call.with_step(qkv, positions, slots))
+        if self._bound is None:
+            return run(self._call.with_step(qkv, positions, slots))
+        out = FusedQKV(*self._bound(qkv, qkv, qkv, positions, slots))
+        cache = self._call.cache  # what the dispatcher would do for the mutated caches
+        torch.autograd.graph.increment_version((cache[0], cache[1]))
+        return out

@@ -118,7 +118,10 @@ def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
                       D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
                       HAS_W: tl.constexpr, EXPANDED: tl.constexpr):
     """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
-    so every load and store is a full-width vector access and no element is read twice."""
+    so every load and store is a full-width vector access and no element is read twice.
+
+    Every load is issued before the norm's reduction: a load placed after it waits for the
+    reduction's barrier, which adds a memory round trip at small T."""
     HALF: tl.constexpr = R // 2
     HAS_TAIL: tl.constexpr = D > R
     jm = j < HALF
@@ -129,24 +132,6 @@ def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
         xt = _load(src, rows, R + e, rmask, em)
     else:
         xt = x1  # unused
-    if HAS_NORM:
-        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
-        if HAS_TAIL:
-            ss += tl.sum(xt * xt, axis=1)
-        rstd = tl.rsqrt(ss / D + eps)[:, None]
-        if HAS_W:
-            w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32) + w_off
-            w2 = tl.load(w_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32) + w_off
-            x1 = x1 * rstd * w1[None, :]
-            x2 = x2 * rstd * w2[None, :]
-            if HAS_TAIL:
-                wt = tl.load(w_ptr + R + e, mask=em, other=0.0).to(tl.float32) + w_off
-                xt = xt * rstd * wt[None, :]
-        else:
-            x1 = x1 * rstd * (1.0 + w_off)
-            x2 = x2 * rstd * (1.0 + w_off)
-            if HAS_TAIL:
-                xt = xt * rstd * (1.0 + w_off)
     c1 = _load(cos_ptr, crow, j, rmask, jm)
     s1 = _load(sin_ptr, srow, j, rmask, jm)
     if EXPANDED:  # HF tables repeat the half: read both to honour any table exactly
@@ -155,6 +140,26 @@ def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
     else:
         c2 = c1
         s2 = s1
+    if HAS_NORM:
+        if HAS_W:
+            w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32) + w_off
+            w2 = tl.load(w_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32) + w_off
+            if HAS_TAIL:
+                wt = tl.load(w_ptr + R + e, mask=em, other=0.0).to(tl.float32) + w_off
+            else:
+                wt = w1  # unused
+        else:
+            w1 = tl.full([j.shape[0]], 1.0, tl.float32) + w_off
+            w2 = w1
+            wt = tl.full([e.shape[0]], 1.0, tl.float32) + w_off
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if HAS_TAIL:
+            ss += tl.sum(xt * xt, axis=1)
+        rstd = tl.rsqrt(ss / D + eps)[:, None]
+        x1 = x1 * rstd * w1[None, :]
+        x2 = x2 * rstd * w2[None, :]
+        if HAS_TAIL:
+            xt = xt * rstd * wt[None, :]
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, xt
 
 
@@ -164,7 +169,8 @@ def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
                      D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
                      HAS_W: tl.constexpr, IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr):
     """Any rope style on one [rows, D] tile: each element's rotation partner is loaded a
-    second time (same cache line).  Used for GPT-J pairs (2i, 2i+1)."""
+    second time (same cache line).  Used for GPT-J pairs (2i, 2i+1).  Loads first, as in
+    ``_norm_rope_halves``."""
     dmask = d < D
     x = _load(src, rows, d, rmask, dmask)
     rot = d < R
@@ -179,16 +185,6 @@ def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
         pair = d // 2
     pd = tl.where(rot, pd, d)
     xp = _load(src, rows, pd, rmask, rot)
-    if HAS_NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        if HAS_W:
-            w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + w_off
-            wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
-        else:
-            w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
-            wp = w
-        x = x * rstd[:, None] * w[None, :]
-        xp = xp * rstd[:, None] * wp[None, :]
     if EXPANDED:
         ci = d
     else:
@@ -196,6 +192,16 @@ def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
     cmask = rmask[:, None] & rot[None, :]
     c = tl.load(cos_ptr + crow[:, None] + ci[None, :], mask=cmask, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + srow[:, None] + ci[None, :], mask=cmask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        if HAS_W:
+            w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + w_off
+            wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
+        else:
+            w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
+            wp = w
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = x * rstd[:, None] * w[None, :]
+        xp = xp * rstd[:, None] * wp[None, :]
     return x * c + sign[None, :] * xp * s
 
 
@@ -279,8 +285,6 @@ def fused_qkv_kernel(
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
         if HAS_CACHE:  # slot loads first: in flight with the activation loads
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
-            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
-                                   kc_head, SKIP_NEG)
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
@@ -288,7 +292,9 @@ def fused_qkv_kernel(
         if WRITE_K:
             _emit(k_out, (t * HKV + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
-        if HAS_CACHE:
+        if HAS_CACHE:  # the slot arithmetic after the loads: it waits for the slots
+            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
+                                   kc_head, SKIP_NEG)
             _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
@@ -298,12 +304,12 @@ def fused_qkv_kernel(
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
-            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
-                                   vc_head, SKIP_NEG)
         x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
             tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
+            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
+                                   vc_head, SKIP_NEG)
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
 
@@ -412,82 +418,129 @@ def _cached_launcher() -> CachedLauncher:
     return _launcher
 
 
-def launch(q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
-           q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
-           rotary_dim, is_neox, table_expanded, key_cache, value_cache, slot_mapping,
-           cache_layout, skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
-           write_q, write_k, write_v, write_gate, *, poison: float | None = None,
-           share_empty: bool = False):
+# Where launch()'s per-step tensors sit in its positional arguments
+_STEP_ARGS = (0, 1, 2, 17, 23)  # q_src, k_src, v_src, positions, slot_mapping
+# Kernel constexprs in kernel order: the fixed ones, then TilePlan's, then INTERP
+_TILE_CONSTS = ("NQB", "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF",
+                "BLOCK_TAIL", "PAIRS")
+
+
+def launch(*args, poison: float | None = None, share_empty: bool = False):
     """Allocate the outputs and launch the kernel once; caches (if given) are written in place.
 
-    ``poison`` (tests only) fills the outputs first, so an element the kernel skips shows.
-    ``share_empty``: outputs not asked for are one shared 0-element tensor (an allocation
-    costs microseconds of host time); only for callers outside torch.library, which forbids
-    outputs that alias.
+    Arguments: ``split_norm_rope_cache_impl``'s, in its order.  ``poison`` (tests only) fills
+    the outputs first, so an element the kernel skips shows.  ``share_empty``: outputs not
+    asked for are one shared 0-element tensor (an allocation costs microseconds of host time);
+    only for callers outside torch.library, which forbids outputs that alias.
     """
-    t = q_src.shape[0]
-    dev, dt = q_src.device, q_src.dtype
-    gated = gate_layout != GATE_NONE
-    write_gate = write_gate and gated
+    return BoundLaunch(*args, share_empty=share_empty)(
+        *(args[i] for i in _STEP_ARGS), poison=poison)
 
-    def alloc(want, heads):
-        if not want and share_empty:
-            key = (dev, dt)
-            e = _EMPTY.get(key)
-            if e is None:
-                e = _EMPTY[key] = torch.empty((0,), device=dev, dtype=dt)
-            return e
-        out = torch.empty((t, heads, d) if want else (0,), device=dev, dtype=dt)
-        return out if poison is None else out.fill_(poison)
 
-    q_out, k_out, v_out = alloc(write_q, hq), alloc(write_k, hkv), alloc(write_v, hkv)
-    g_out = alloc(write_gate, hq)
-    has_cache = key_cache is not None
-    if t == 0:
-        return q_out, k_out, v_out, g_out
-    tiles = tile_plan(t, hq, hkv, d, rotary_dim, write_q, write_k or has_cache,
-                      write_v or has_cache, write_gate)
-    if tiles is None:
-        return q_out, k_out, v_out, g_out
-    fp8 = None
-    if has_cache:
-        fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
-        if key_cache.dtype == torch.uint8:  # fp8 bytes: let Triton see the real format
-            key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
-        nb, bs, kb, ks, kh, _ = cache_geometry(key_cache, cache_layout)
-        _, _, vb, vs, vh, _ = cache_geometry(value_cache, cache_layout)
-        num_slots = nb * bs
-    else:
-        key_cache = value_cache = slot_mapping = q_out  # never dereferenced
-        nb = bs = kb = ks = kh = vb = vs = vh = num_slots = 1
-    dummy = q_out
-    grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
-    args = (
-        q_src, k_src, v_src, q_src.stride(0), k_src.stride(0), v_src.stride(0),
-        q_col, k_col, v_col,
-        q_weight if q_weight is not None else dummy,
-        k_weight if k_weight is not None else dummy,
-        float(eps), float(weight_offset),
-        cos, sin, cos.stride(0), sin.stride(0),
-        positions if positions is not None else dummy, cos.shape[0],
-        q_out, k_out, v_out, g_out,
-        key_cache, value_cache, slot_mapping, bs, num_slots,
-        kb, ks, kh, vb, vs, vh,
-        k_scale if k_scale is not None else dummy,
-        v_scale if v_scale is not None else dummy, t,
-    )
-    consts = dict(
-        HQ=hq, HKV=hkv, D=d, R=rotary_dim, GATE=gate_layout,
-        HAS_NORM=apply_norm, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-        IS_NEOX=is_neox, EXPANDED=table_expanded, HAS_POS=positions is not None,
-        HAS_CACHE=has_cache, SKIP_NEG=skip_negative_slots, IS_FP8=fp8 is not None,
-        HAS_KS=k_scale is not None, HAS_VS=v_scale is not None,
-        FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
-        WRITE_Q=write_q, WRITE_K=write_k, WRITE_V=write_v, WRITE_G=write_gate,
-        **tiles.constexprs, INTERP=q_src.is_cpu,
-    )
-    if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-        _cached_launcher()(grid, args, consts, tiles.num_warps)
-    else:
-        fused_qkv_kernel[grid](*args, **consts, num_warps=tiles.num_warps)
-    return q_out, k_out, v_out, g_out
+class BoundLaunch:
+    """``launch`` with everything that does not change between steps worked out once.
+
+    Built from ``launch``'s arguments; the per-step tensors among them (``q_src``, ``k_src``,
+    ``v_src``, ``positions``, ``slot_mapping``) are only looked at for their presence, dtype
+    and device, and not kept.  ``bound(q_src, k_src, v_src, positions, slot_mapping)`` then
+    launches for a step whose tensors match those in everything but their data and token
+    count (``FusedQKVLayer`` checks that), which skips rebuilding ~70 kernel arguments.
+    """
+
+    def __init__(self, q_src, k_src, v_src, q_col, k_col, v_col, hq, hkv, d, gate_layout,
+                 q_weight, k_weight, apply_norm, eps, weight_offset, cos, sin, positions,
+                 rotary_dim, is_neox, table_expanded, key_cache, value_cache, slot_mapping,
+                 cache_layout, skip_negative_slots, kv_cache_dtype, k_scale, v_scale,
+                 write_q, write_k, write_v, write_gate, *, share_empty: bool = False):
+        self.dev, self.dt = q_src.device, q_src.dtype
+        write_gate = write_gate and gate_layout != GATE_NONE
+        has_cache = key_cache is not None
+        self.shape = (hq, hkv, d, rotary_dim, write_q, write_k or has_cache,
+                      write_v or has_cache, write_gate)  # tile_plan's arguments after T
+        self.wants = ((write_q, hq), (write_k, hkv), (write_v, hkv), (write_gate, hq))
+        self.share_empty = share_empty
+        self.has_cache, self.has_pos = has_cache, positions is not None
+        fp8 = None
+        if has_cache:
+            fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
+            if key_cache.dtype == torch.uint8:  # fp8 bytes: let Triton see the real format
+                key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
+            nb, bs, kb, ks, kh, _ = cache_geometry(key_cache, cache_layout)
+            _, _, vb, vs, vh, _ = cache_geometry(value_cache, cache_layout)
+            num_slots = nb * bs
+        else:
+            bs = kb = ks = kh = vb = vs = vh = num_slots = 1
+        # Pointers the kernel never dereferences (their flag is off) get the table: any tensor
+        # will do, and this one is fixed, so the arguments below do not change per step.
+        dummy = cos
+        # The kernel's runtime arguments; None marks a per-step entry, filled in __call__.
+        self.args = [
+            None, None, None, None, None, None, q_col, k_col, v_col,
+            q_weight if q_weight is not None else dummy,
+            k_weight if k_weight is not None else dummy,
+            float(eps), float(weight_offset),
+            cos, sin, cos.stride(0), sin.stride(0), None if self.has_pos else dummy,
+            cos.shape[0], None, None, None, None,
+            key_cache if has_cache else dummy, value_cache if has_cache else dummy,
+            None if has_cache else dummy, bs, num_slots, kb, ks, kh, vb, vs, vh,
+            k_scale if k_scale is not None else dummy,
+            v_scale if v_scale is not None else dummy, None,
+        ]
+        self.consts = (  # the fixed constexprs, in kernel order
+            hq, hkv, d, rotary_dim, gate_layout, apply_norm, q_weight is not None,
+            k_weight is not None, is_neox, table_expanded, self.has_pos, has_cache,
+            skip_negative_slots, fp8 is not None, k_scale is not None, v_scale is not None,
+            float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
+            write_q, write_k, write_v, write_gate)
+        self.interp = q_src.is_cpu
+        self._by_plan: dict = {}  # id(TilePlan) -> (the plan, the full constexpr tuple)
+
+    def _alloc(self, t: int, poison):
+        outs = []
+        for want, heads in self.wants:
+            if not want and self.share_empty:
+                key = (self.dev, self.dt)
+                e = _EMPTY.get(key)
+                if e is None:
+                    e = _EMPTY[key] = torch.empty((0,), device=self.dev, dtype=self.dt)
+                outs.append(e)
+                continue
+            out = torch.empty((t, heads, self.shape[2]) if want else (0,), device=self.dev,
+                              dtype=self.dt)
+            outs.append(out if poison is None else out.fill_(poison))
+        return outs
+
+    def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, poison=None):
+        t = q_src.shape[0]
+        outs = self._alloc(t, poison)
+        if t == 0:
+            return tuple(outs)
+        tiles = tile_plan(t, *self.shape)
+        if tiles is None:
+            return tuple(outs)
+        hit = self._by_plan.get(id(tiles))  # plans are memoised: a handful of objects
+        if hit is None or hit[0] is not tiles:  # (the entry holds the plan: its id stays its)
+            hit = self._by_plan[id(tiles)] = (tiles, self.consts + tuple(
+                tiles.constexprs[n] for n in _TILE_CONSTS) + (self.interp,))
+        consts = hit[1]
+        a = self.args.copy()
+        a[0], a[1], a[2] = q_src, k_src, v_src
+        a[3], a[4], a[5] = q_src.stride(0), k_src.stride(0), v_src.stride(0)
+        a[19], a[20], a[21], a[22] = outs
+        if self.has_pos:
+            a[17] = positions
+        if self.has_cache:
+            a[25] = slot_mapping
+        a[36] = t
+        grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
+        if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
+            _cached_launcher()(grid, a, consts, tiles.num_warps)
+        else:
+            fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)),
+                                   num_warps=tiles.num_warps)
+        return tuple(outs)
+
+
+_CONST_NAMES = ("HQ", "HKV", "D", "R", "GATE", "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX",
+                "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG", "IS_FP8", "HAS_KS", "HAS_VS",
+                "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G") + _TILE_CONSTS + ("INTERP",)

@@ -31,22 +31,26 @@ def _bound(device, hq=4, hkv=2, d=64, nb=6, bs=4):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_equals_entry_point_over_steps(device, monkeypatch):
-    kw = _bound(device)
+    kw = _bound(device, nb=80)
     ref_kw = {k: (v.clone() if k.endswith("cache") and k != "cos_sin_cache" else v)
               for k, v in kw.items()}
     layer = FusedQKVLayer(**kw)
     full_calls = []
     real = layer_mod.prepare
     monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
-    for step, t in enumerate((5, 1, 3, 1)):
-        qkv, pos, slots = _inputs(device, t, seed=step)
+    # 300 tokens: another tile plan (T >= 256) through the same bound launch
+    for step, t in enumerate((5, 1, 300, 3, 1)):
+        qkv, pos, slots = _inputs(device, t, seed=step, nb=80)
+        version = kw["key_cache"]._version
         got = layer(qkv, pos, slots)
+        assert kw["key_cache"]._version > version, "autograd must see the cache written"
         want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **ref_kw)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         assert torch.equal(kw["key_cache"], ref_kw["key_cache"])
         assert torch.equal(kw["value_cache"], ref_kw["value_cache"])
     assert len(full_calls) == 1, "only the first call should take the validated path"
+    assert layer._bound is not None, "later calls should launch through the bound launch"
 
 
 @pytest.mark.parametrize("device", DEVICES)
