@@ -113,25 +113,24 @@ def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
-                      cos_ptr, sin_ptr, crow, srow,
-                      D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
-                      HAS_W: tl.constexpr, EXPANDED: tl.constexpr):
-    """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
-    so every load and store is a full-width vector access and no element is read twice.
-
-    Every load is issued before the norm's reduction: a load placed after it waits for the
-    reduction's barrier, which adds a memory round trip at small T."""
-    HALF: tl.constexpr = R // 2
-    HAS_TAIL: tl.constexpr = D > R
-    jm = j < HALF
-    em = e < D - R
-    x1 = _load(src, rows, j, rmask, jm)
-    x2 = _load(src, rows, HALF + j, rmask, jm)
-    if HAS_TAIL:
-        xt = _load(src, rows, R + e, rmask, em)
+def _halves_weights(w_ptr, j, e, w_off, HALF: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                    HAS_W: tl.constexpr):
+    """The norm's scale (weight + offset) for the two rotary halves and the tail."""
+    if HAS_W:
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
+        wt = tl.load(w_ptr + R + e, mask=e < D - R, other=0.0).to(tl.float32) + w_off
     else:
-        xt = x1  # unused
+        w1 = tl.full([j.shape[0]], 1.0, tl.float32) + w_off
+        w2 = w1
+        wt = tl.full([e.shape[0]], 1.0, tl.float32) + w_off
+    return w1, w2, wt
+
+
+@triton.jit
+def _halves_table(cos_ptr, sin_ptr, crow, srow, rmask, j, HALF: tl.constexpr,
+                  EXPANDED: tl.constexpr):
+    jm = j < HALF
     c1 = _load(cos_ptr, crow, j, rmask, jm)
     s1 = _load(sin_ptr, srow, j, rmask, jm)
     if EXPANDED:  # HF tables repeat the half: read both to honour any table exactly
@@ -140,39 +139,77 @@ def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
     else:
         c2 = c1
         s2 = s1
+    return c1, s1, c2, s2
+
+
+@triton.jit
+def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
+                      cos_ptr, sin_ptr, crow, srow,
+                      D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_W: tl.constexpr, EXPANDED: tl.constexpr, EARLY: tl.constexpr):
+    """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
+    so every load and store is a full-width vector access and no element is read twice.
+
+    EARLY: the table and weight loads go before the norm's reduction (a load after its
+    barrier waits for it: one more memory round trip, which small T pays in full); off, they
+    follow it, which held fewer registers and kept large-T tiles faster on partial rotary."""
+    HALF: tl.constexpr = R // 2
+    HAS_TAIL: tl.constexpr = D > R
+    x1 = _load(src, rows, j, rmask, j < HALF)
+    x2 = _load(src, rows, HALF + j, rmask, j < HALF)
+    if HAS_TAIL:
+        xt = _load(src, rows, R + e, rmask, e < D - R)
+    else:
+        xt = x1  # unused
+    if EARLY:
+        c1, s1, c2, s2 = _halves_table(cos_ptr, sin_ptr, crow, srow, rmask, j, HALF, EXPANDED)
+        if HAS_NORM:
+            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W)
     if HAS_NORM:
-        if HAS_W:
-            w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32) + w_off
-            w2 = tl.load(w_ptr + HALF + j, mask=jm, other=0.0).to(tl.float32) + w_off
-            if HAS_TAIL:
-                wt = tl.load(w_ptr + R + e, mask=em, other=0.0).to(tl.float32) + w_off
-            else:
-                wt = w1  # unused
-        else:
-            w1 = tl.full([j.shape[0]], 1.0, tl.float32) + w_off
-            w2 = w1
-            wt = tl.full([e.shape[0]], 1.0, tl.float32) + w_off
         ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
         if HAS_TAIL:
             ss += tl.sum(xt * xt, axis=1)
         rstd = tl.rsqrt(ss / D + eps)[:, None]
+        if not EARLY:
+            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W)
         x1 = x1 * rstd * w1[None, :]
         x2 = x2 * rstd * w2[None, :]
         if HAS_TAIL:
             xt = xt * rstd * wt[None, :]
+    if not EARLY:
+        c1, s1, c2, s2 = _halves_table(cos_ptr, sin_ptr, crow, srow, rmask, j, HALF, EXPANDED)
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, xt
+
+
+@triton.jit
+def _pairs_weights(w_ptr, d, pd, rot, w_off, D: tl.constexpr, HAS_W: tl.constexpr):
+    if HAS_W:
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32) + w_off
+        wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
+    else:
+        w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
+        wp = w
+    return w, wp
+
+
+@triton.jit
+def _pairs_table(cos_ptr, sin_ptr, crow, srow, rmask, ci, rot):
+    cmask = rmask[:, None] & rot[None, :]
+    c = tl.load(cos_ptr + crow[:, None] + ci[None, :], mask=cmask, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + srow[:, None] + ci[None, :], mask=cmask, other=0.0).to(tl.float32)
+    return c, s
 
 
 @triton.jit
 def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
                      cos_ptr, sin_ptr, crow, srow,
                      D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
-                     HAS_W: tl.constexpr, IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr):
+                     HAS_W: tl.constexpr, IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr,
+                     EARLY: tl.constexpr):
     """Any rope style on one [rows, D] tile: each element's rotation partner is loaded a
-    second time (same cache line).  Used for GPT-J pairs (2i, 2i+1).  Loads first, as in
+    second time (same cache line).  Used for GPT-J pairs (2i, 2i+1).  EARLY: as in
     ``_norm_rope_halves``."""
-    dmask = d < D
-    x = _load(src, rows, d, rmask, dmask)
+    x = _load(src, rows, d, rmask, d < D)
     rot = d < R
     HALF: tl.constexpr = R // 2
     if IS_NEOX:
@@ -189,32 +226,33 @@ def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
         ci = d
     else:
         ci = pair
-    cmask = rmask[:, None] & rot[None, :]
-    c = tl.load(cos_ptr + crow[:, None] + ci[None, :], mask=cmask, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + srow[:, None] + ci[None, :], mask=cmask, other=0.0).to(tl.float32)
+    if EARLY:
+        c, s = _pairs_table(cos_ptr, sin_ptr, crow, srow, rmask, ci, rot)
+        if HAS_NORM:
+            w, wp = _pairs_weights(w_ptr, d, pd, rot, w_off, D, HAS_W)
     if HAS_NORM:
-        if HAS_W:
-            w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32) + w_off
-            wp = tl.load(w_ptr + pd, mask=rot, other=0.0).to(tl.float32) + w_off
-        else:
-            w = tl.full([d.shape[0]], 1.0, tl.float32) + w_off
-            wp = w
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        if not EARLY:
+            w, wp = _pairs_weights(w_ptr, d, pd, rot, w_off, D, HAS_W)
         x = x * rstd[:, None] * w[None, :]
         xp = xp * rstd[:, None] * wp[None, :]
+    if not EARLY:
+        c, s = _pairs_table(cos_ptr, sin_ptr, crow, srow, rmask, ci, rot)
     return x * c + sign[None, :] * xp * s
 
 
 @triton.jit
 def _norm_rope(src, rows, rmask, d, j, e, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow, srow,
                D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
-               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, SPLIT: tl.constexpr):
+               IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, SPLIT: tl.constexpr,
+               EARLY: tl.constexpr):
     if SPLIT:
         y1, y2, yt = _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off, cos_ptr,
-                                       sin_ptr, crow, srow, D, R, HAS_NORM, HAS_W, EXPANDED)
+                                       sin_ptr, crow, srow, D, R, HAS_NORM, HAS_W, EXPANDED,
+                                       EARLY)
     else:
         y1 = _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow,
-                              srow, D, R, HAS_NORM, HAS_W, IS_NEOX, EXPANDED)
+                              srow, D, R, HAS_NORM, HAS_W, IS_NEOX, EXPANDED, EARLY)
         y2 = y1
         yt = y1
     return y1, y2, yt
@@ -238,7 +276,7 @@ def fused_qkv_kernel(
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    INTERP: tl.constexpr,
+    EARLY: tl.constexpr, INTERP: tl.constexpr,
 ):
     # One grid axis, head tiles varying fastest: the programs resident at once then cover
     # whole token rows (contiguous memory), which kept HBM busier than a (token, head) grid:
@@ -275,7 +313,7 @@ def fused_qkv_kernel(
             y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d,
                                     j, e, q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                     tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX,
-                                    EXPANDED, SPLIT)
+                                    EXPANDED, SPLIT, EARLY)
             _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
         if WRITE_G:
@@ -285,16 +323,20 @@ def fused_qkv_kernel(
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
         if HAS_CACHE:  # slot loads first: in flight with the activation loads
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            if not EARLY:
+                rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
+                                       kc_head, SKIP_NEG)
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
-                                SPLIT)
+                                SPLIT, EARLY)
         if WRITE_K:
             _emit(k_out, (t * HKV + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
-        if HAS_CACHE:  # the slot arithmetic after the loads: it waits for the slots
-            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
-                                   kc_head, SKIP_NEG)
+        if HAS_CACHE:
+            if EARLY:  # the slot arithmetic after the loads: it waits for the slots
+                rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
+                                       kc_head, SKIP_NEG)
             _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
@@ -304,22 +346,26 @@ def fused_qkv_kernel(
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            if not EARLY:
+                rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
+                                       vc_head, SKIP_NEG)
         x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
             tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
-            rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
-                                   vc_head, SKIP_NEG)
+            if EARLY:
+                rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
+                                       vc_head, SKIP_NEG)
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
 
 
-_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs]) forced by the tuning script
+_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs[, early]]) forced by tuning
 
 
 def set_block_override(cfg) -> None:
-    """Force ``(BLOCK_T, BLOCK_H, num_warps)`` or ``(..., pairs)`` for every launch (None: the
-    heuristic)."""
+    """Force ``(BLOCK_T, BLOCK_H, num_warps)``, ``(..., pairs)`` or ``(..., pairs, early)`` for
+    every launch (None: the heuristic)."""
     global _BLOCK_OVERRIDE
     _BLOCK_OVERRIDE = cfg
 
@@ -371,7 +417,7 @@ class TilePlan(NamedTuple):
     block_t: int  # tokens per program
     head_tiles: int  # of all regions: the grid is cdiv(T, block_t) * head_tiles programs
     num_warps: int
-    constexprs: dict  # NQB, NKB, NVB, BLOCK_T, BLOCK_H, BLOCK_D, BLOCK_HALF, BLOCK_TAIL, PAIRS
+    constexprs: dict  # _TILE_CONSTS: NQB ... BLOCK_TAIL, PAIRS, EARLY
 
 
 def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool,
@@ -391,9 +437,13 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
     if override is not None:
         (block_t, block_h, num_warps), block_d = override[:3], _pow2(d)
         pairs = bool(override[3]) if len(override) > 3 else False
+        early = bool(override[4]) if len(override) > 4 else num_tokens < _T_MID
     else:
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
         pairs = _use_pairs(num_tokens, d, rotary_dim)
+        # loads before the norm's reduction: -0.1 to -0.2 us at T <= 64 on an H200, but up to
+        # 14% slower at T = 65536 for partial rotary (GLM-4.5)
+        early = num_tokens < _T_MID
     # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
     nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
     nkb = _cdiv(hkv, block_h) if run_k else 0
@@ -402,7 +452,8 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         return None
     return TilePlan(block_t, nqb + nkb + nvb, num_warps, dict(
         NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim), PAIRS=pairs))
+        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim), PAIRS=pairs,
+        EARLY=early))
 
 
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
@@ -422,7 +473,7 @@ def _cached_launcher() -> CachedLauncher:
 _STEP_ARGS = (0, 1, 2, 17, 23)  # q_src, k_src, v_src, positions, slot_mapping
 # Kernel constexprs in kernel order: the fixed ones, then TilePlan's, then INTERP
 _TILE_CONSTS = ("NQB", "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF",
-                "BLOCK_TAIL", "PAIRS")
+                "BLOCK_TAIL", "PAIRS", "EARLY")
 
 
 def launch(*args, poison: float | None = None, share_empty: bool = False):

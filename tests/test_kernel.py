@@ -70,8 +70,10 @@ def test_kernel_matches_reference(case, device):
 # Tile shapes and rope paths the tuning script sweeps: (BLOCK_T, BLOCK_H, warps, pairs); pairs
 # runs NeoX through partner loads on one full-row tile.  Several token tiles per program, and
 # head tiles that do not divide the heads, over gated rows (the gate rides in Q programs).
+# A fifth entry sets EARLY (table and weight loads before the norm; default: on at small T).
 VARIANTS = [(2, 1, 2, False), (4, 2, 2, False), (1, 1, 2, True), (4, 2, 4, True), (2, 4, 1, True),
-            (2, 4, 1, False)]  # the last: the mid-T pick for many-head models
+            (2, 4, 1, False),  # the mid-T pick for many-head models
+            (2, 1, 2, False, False), (1, 1, 2, True, False)]  # the large-T load order
 VARIANT_CASES = [
     ("gate_interleaved", Case(gate=1, T=7, hq=3)),
     ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
@@ -95,7 +97,8 @@ def test_tile_variants_match_reference(case, variant, device):
         plan = triton_kernel.tile_plan(case.T, case.hq, case.hkv, case.d,
                                        case.rotary_dim or case.d, True, True, True, True)
         c = plan.constexprs
-        assert (plan.block_t, c["BLOCK_H"], plan.num_warps, c["PAIRS"]) == variant
+        assert (plan.block_t, c["BLOCK_H"], plan.num_warps, c["PAIRS"]) == variant[:4]
+        assert c["EARLY"] == (variant[4] if len(variant) > 4 else True)  # small T: on
         check_case(case, device)
     finally:
         triton_kernel.set_block_override(None)
@@ -109,6 +112,22 @@ def test_pairs_heuristic_only_for_small_t_and_odd_tails():
     assert not pairs(4096, 256, 64)
     assert not pairs(64, 128, 64)  # GLM-4.5: a 64-wide tail, a power of two
     assert not pairs(64, 128, 128)  # full rotary
+
+
+def test_early_loads_only_for_static_small_t():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch
+    from kernels.triton_kernel import tile_plan
+    def early(t):
+        return tile_plan(t, 96, 8, 128, 64, True, True, True, False).constexprs["EARLY"]
+    assert early(1) and early(255)
+    assert not early(256) and not early(65536)
+    kw = dict(hq=96, hkv=8, d=128, rotary_dim=64, write_q=True, run_k=True, run_v=True,
+              write_gate=False)
+    assert inductor_launch.plan(64, **kw).constexprs["EARLY"]
+    dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
+    assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # dynamic T: T=1 tiles, late loads
 
 
 def test_mid_t_tiles_for_many_head_models():
