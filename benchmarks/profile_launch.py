@@ -74,8 +74,9 @@ def make_inputs() -> dict:
 class _Capture:
     """Stands in for fused_qkv_kernel: records the launch, launches nothing."""
 
-    def __init__(self):
+    def __init__(self, kernel):
         self.calls = []
+        self.fn = kernel.fn  # its signature: launch() passes the constexprs as a tuple
 
     def __getitem__(self, grid):
         return lambda *args, **kw: self.calls.append((grid, args, kw))
@@ -122,7 +123,7 @@ def main() -> int:
           f"{'yes (_FAST_LAUNCH=%s)' % triton_kernel._FAST_LAUNCH if fast_flag else 'no'}")
 
     # what launch() passes to the kernel, captured once
-    cap = _Capture()
+    cap = _Capture(kern)
     triton_kernel.fused_qkv_kernel = cap
     try:
         entry(**inp)

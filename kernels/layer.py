@@ -36,6 +36,8 @@ class FusedQKVLayer:
             if kwargs.get(name) is None:
                 raise ValueError(f"FusedQKVLayer: {name} is required")
         self._kw = kwargs
+        self._geo_tensors = [kwargs[n] for n in ("key_cache", "value_cache", "cos_sin_cache")]
+        self._geom: Optional[list] = None
         self._sig: Optional[tuple] = None  # what the validated call looked like
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
@@ -49,7 +51,7 @@ class FusedQKVLayer:
             t = qkv.shape[0]
             if positions.shape[0] == t and slot_mapping.shape[0] >= t and \
                     (t < 2 or positions.stride(0) == 1 and slot_mapping.stride(0) == 1) and \
-                    not _tracing():
+                    self._geometry() == self._geom and not _tracing():
                 return self._launch(qkv, positions, slot_mapping, t)
         call = prepare(qkv, positions=positions, slot_mapping=slot_mapping, **self._kw)
         out = run(call)
@@ -65,7 +67,14 @@ class FusedQKVLayer:
                                           share_empty=True)
             self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
                          positions.device, slot_mapping.dtype, slot_mapping.device)
+            self._geom = self._geometry()
         return out
+
+    def _geometry(self) -> list:
+        """Shape, strides and dtype of the bound caches and table, which the bound launch has
+        baked in: an in-place change (``resize_``, ``set_``, ``.data =``) must send the next
+        call through validation, not write with the old geometry."""
+        return [(x.shape, x.stride(), x.dtype) for x in self._geo_tensors]
 
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:
         """The validated call with this step's tensors swapped in."""

@@ -114,6 +114,20 @@ def test_pairs_heuristic_only_for_small_t_and_odd_tails():
     assert not pairs(64, 128, 128)  # full rotary
 
 
+def test_plan_constexprs_in_kernel_order():
+    """BoundLaunch passes the plan's constexprs as a tuple, in the dict's order."""
+    from fusion_pass import inductor_launch
+    from kernels.triton_kernel import _CONST_NAMES, _TILE_CONSTS, fused_qkv_kernel, tile_plan
+    import inspect
+    sig = inspect.signature(fused_qkv_kernel.fn)  # a JITFunction or the interpreter's wrapper
+    names = [n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)]
+    assert names == list(_CONST_NAMES)
+    assert list(tile_plan(5, 8, 2, 64, 64, True, True, True, True).constexprs) == list(_TILE_CONSTS)
+    kw = dict(hq=8, hkv=2, d=64, rotary_dim=64, write_q=True, run_k=True, run_v=True,
+              write_gate=False)
+    assert list(inductor_launch.plan(5, **kw).constexprs) == list(_TILE_CONSTS)
+
+
 def test_early_loads_only_for_static_small_t():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 

@@ -69,6 +69,28 @@ def test_layer_still_rejects_bad_inputs(device):
     assert torch.equal(kw["key_cache"], before), "a rejected call wrote the cache"
 
 
+def test_layer_revalidates_after_in_place_cache_change(monkeypatch):
+    """A bound cache resized in place (fewer blocks) must not be written with the old
+    geometry: the call goes through validation again and writes where the entry point does."""
+    kw = _bound("cpu", nb=8)
+    layer = FusedQKVLayer(**kw)
+    layer(*_inputs("cpu", 3, nb=8))
+    full_calls = []
+    real = layer_mod.prepare
+    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    for name in ("key_cache", "value_cache"):
+        c = kw[name]
+        c.set_(c[:4].clone())  # 4 blocks of 4 slots, same tensor object
+    qkv, pos, slots = _inputs("cpu", 3, nb=4, seed=5)
+    want_kw = {k: (v.clone() if k in ("key_cache", "value_cache") else v) for k, v in kw.items()}
+    got = layer(qkv, pos, slots)
+    want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
+    assert full_calls == [1], "the changed cache must be validated again"
+    assert torch.equal(got.q, want.q)
+    assert torch.equal(kw["key_cache"], want_kw["key_cache"])
+    assert torch.equal(kw["value_cache"], want_kw["value_cache"])
+
+
 def test_layer_keeps_no_step_tensors():
     """The validated call is kept without the first step's qkv/positions/slots (a prefill's
     qkv must not live as long as the layer)."""
