@@ -4,6 +4,8 @@
 #   TUNE="--tokens ..." (unset: no sweep; "--variants [--no-gate] ...": rope paths / gate-less)
 #   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~5 min)
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
+#   FLOORS="1,16,64,256" (the op beside its floors, ~30 s)   STRIDED=1 (strided_read.py, ~20 s)
+#   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -33,4 +35,17 @@ fi
 if [ -n "${BENCH:-}" ]; then
   python3 benchmarks/bench_op.py $BENCH --csv "$OUT/bench_op.csv" 2>&1 | grep -v "^W1\|^  warn" \
     | tee "$OUT/bench_op.txt"
+fi
+if [ -n "${FLOORS:-}" ]; then
+  timeout 200 python3 benchmarks/bench_op.py --floors "$FLOORS" 2>&1 | grep -v "^W1\|^  warn" \
+    | tee "$OUT/floors.txt"
+fi
+if [ -n "${STRIDED:-}" ]; then
+  timeout 120 python3 benchmarks/strided_read.py 2>&1 | tee "$OUT/strided_read.txt"
+fi
+if [ -n "${NCU:-}" ]; then
+  timeout 300 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats -k regex:fused_qkv \
+    --launch-skip 2 -c 1 python3 benchmarks/ncu_one.py $NCU > "$OUT/ncu.txt" 2>&1
+  tail -60 "$OUT/ncu.txt"
 fi
