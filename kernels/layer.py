@@ -71,10 +71,11 @@ class FusedQKVLayer:
         return out
 
     def _geometry(self) -> list:
-        """Shape, strides and dtype of the bound caches and table, which the bound launch has
-        baked in: an in-place change (``resize_``, ``set_``, ``.data =``) must send the next
-        call through validation, not write with the old geometry."""
-        return [(x.shape, x.stride(), x.dtype) for x in self._geo_tensors]
+        """Memory, shape, strides and dtype of the bound caches and table: the validated call
+        holds views of them (the table's halves, a uint8 cache as fp8) and the bound launch
+        their geometry, so an in-place change (``resize_``, ``set_``, ``.data =``) must send
+        the next call through validation, not write through the old views."""
+        return [(x.data_ptr(), x.shape, x.stride(), x.dtype) for x in self._geo_tensors]
 
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:
         """The validated call with this step's tensors swapped in."""

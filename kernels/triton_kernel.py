@@ -119,7 +119,10 @@ def _halves_weights(w_ptr, j, e, w_off, HALF: tl.constexpr, R: tl.constexpr, D: 
     if HAS_W:
         w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
         w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
-        wt = tl.load(w_ptr + R + e, mask=e < D - R, other=0.0).to(tl.float32) + w_off
+        if D > R:
+            wt = tl.load(w_ptr + R + e, mask=e < D - R, other=0.0).to(tl.float32) + w_off
+        else:
+            wt = w1  # no tail: unused
     else:
         w1 = tl.full([j.shape[0]], 1.0, tl.float32) + w_off
         w2 = w1
@@ -365,7 +368,8 @@ _BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs[, early]]) forced
 
 def set_block_override(cfg) -> None:
     """Force ``(BLOCK_T, BLOCK_H, num_warps)``, ``(..., pairs)`` or ``(..., pairs, early)`` for
-    every launch (None: the heuristic)."""
+    every launch (None: the heuristic).  Dynamic-T Inductor launches keep EARLY off regardless
+    (``fusion_pass.inductor_launch.plan``)."""
     global _BLOCK_OVERRIDE
     _BLOCK_OVERRIDE = cfg
 

@@ -83,6 +83,9 @@ VARIANT_CASES = [
     ("expanded_quarter", Case(d=256, rotary_dim=64, T=3, hq=2, hkv=1, table="expanded")),
     ("skip_gate_out", Case(gate=1, writes=(True, True, True, False))),
     ("gate_only", Case(gate=1, writes=(False, False, False, True), cache=False)),
+    ("norm_no_weight", Case(has_weight=False, d=128, rotary_dim=64, T=3)),
+    ("no_norm", Case(norm=None, T=3)),
+    ("gptj_partial", Case(is_neox=False, d=128, rotary_dim=64, T=3)),
 ]
 
 
@@ -126,6 +129,31 @@ def test_plan_constexprs_in_kernel_order():
     kw = dict(hq=8, hkv=2, d=64, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
     assert list(inductor_launch.plan(5, **kw).constexprs) == list(_TILE_CONSTS)
+
+
+def test_bound_launch_constexpr_values_by_name():
+    """BoundLaunch's constexpr tuple, read back by name, says what the call asked for (a swap
+    of two flags would only show in a case like this one: one scale, one weight)."""
+    from kernels import api
+    from kernels.triton_kernel import _CONST_NAMES, BoundLaunch
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, r = 6, 2, 64, 32
+    call = api.prepare(
+        torch.randn(3, (2 * hq + 2 * hkv) * d, generator=g), num_q_heads=hq, num_kv_heads=hkv,
+        head_dim=d, gate="interleaved", q_weight=torch.randn(d, generator=g), rotary_dim=r,
+        is_neox=False, positions=torch.tensor([0, 1, 2]),
+        cos_sin_cache=torch.randn(8, r, generator=g),
+        key_cache=torch.zeros(4, 4, hkv, d, dtype=torch.uint8),
+        value_cache=torch.zeros(4, 4, hkv, d, dtype=torch.uint8), kv_cache_dtype="fp8_e4m3",
+        slot_mapping=torch.tensor([0, 5, 9]), k_scale=torch.tensor(2.0),
+        return_k=False, return_gate=False)
+    b = BoundLaunch(*call.head, *call.cache, *call.flags)
+    got = dict(zip(_CONST_NAMES, b.consts))
+    assert got == dict(HQ=hq, HKV=hkv, D=d, R=r, GATE=1, HAS_NORM=True, HAS_QW=True,
+                       HAS_KW=False, IS_NEOX=False, EXPANDED=False, HAS_POS=True,
+                       HAS_CACHE=True, SKIP_NEG=True, IS_FP8=True, HAS_KS=True, HAS_VS=False,
+                       FP8_MAX=448.0, WRITE_Q=True, WRITE_K=False, WRITE_V=True,
+                       WRITE_G=False)
 
 
 def test_early_loads_only_for_static_small_t():

@@ -35,7 +35,7 @@ def test_layer_equals_entry_point_over_steps(device, monkeypatch):
     ref_kw = {k: (v.clone() if k.endswith("cache") and k != "cos_sin_cache" else v)
               for k, v in kw.items()}
     layer = FusedQKVLayer(**kw)
-    full_calls = []
+    full_calls, bound_calls = [], []
     real = layer_mod.prepare
     monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
     # 300 tokens: another tile plan (T >= 256) through the same bound launch
@@ -43,6 +43,10 @@ def test_layer_equals_entry_point_over_steps(device, monkeypatch):
         qkv, pos, slots = _inputs(device, t, seed=step, nb=80)
         version = kw["key_cache"]._version
         got = layer(qkv, pos, slots)
+        if step == 0:  # count the launches through the layer's own bound launch from now on
+            bound = layer._bound
+            assert bound is not None, "the Triton path should bind the launch"
+            layer._bound = lambda *a, **k: bound_calls.append(1) or bound(*a, **k)
         assert kw["key_cache"]._version > version, "autograd must see the cache written"
         want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **ref_kw)
         for a, b in zip(got, want):
@@ -50,7 +54,7 @@ def test_layer_equals_entry_point_over_steps(device, monkeypatch):
         assert torch.equal(kw["key_cache"], ref_kw["key_cache"])
         assert torch.equal(kw["value_cache"], ref_kw["value_cache"])
     assert len(full_calls) == 1, "only the first call should take the validated path"
-    assert layer._bound is not None, "later calls should launch through the bound launch"
+    assert len(bound_calls) == 4, "later calls should launch through the bound launch"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -87,6 +91,26 @@ def test_layer_revalidates_after_in_place_cache_change(monkeypatch):
     want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
     assert full_calls == [1], "the changed cache must be validated again"
     assert torch.equal(got.q, want.q)
+    assert torch.equal(kw["key_cache"], want_kw["key_cache"])
+    assert torch.equal(kw["value_cache"], want_kw["value_cache"])
+
+
+def test_layer_follows_a_uint8_cache_swapped_in_place():
+    """A uint8 (fp8 bytes) cache is launched through an fp8 view of it: when the user swaps the
+    cache's storage for another of the same geometry, the writes must land in the new one."""
+    g = torch.Generator().manual_seed(2)
+    kw = _bound("cpu")
+    kw.update(kv_cache_dtype="fp8_e4m3", k_scale=torch.tensor(0.5), v_scale=torch.tensor(2.0))
+    for name in ("key_cache", "value_cache"):
+        kw[name] = torch.randint(0, 100, kw[name].shape, generator=g).to(torch.uint8)
+    layer = FusedQKVLayer(**kw)
+    layer(*_inputs("cpu", 3))
+    for name in ("key_cache", "value_cache"):
+        kw[name].set_(torch.randint(0, 100, kw[name].shape, generator=g).to(torch.uint8))
+    want_kw = {k: (v.clone() if k in ("key_cache", "value_cache") else v) for k, v in kw.items()}
+    qkv, pos, slots = _inputs("cpu", 3, seed=7)
+    layer(qkv, pos, slots)
+    kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
     assert torch.equal(kw["key_cache"], want_kw["key_cache"])
     assert torch.equal(kw["value_cache"], want_kw["value_cache"])
 
