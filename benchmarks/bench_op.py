@@ -93,13 +93,16 @@ def unfused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, k_scale, v_scale, *, hq, h
     return q, gate
 
 
-def fused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, k_scale, v_scale, *, hq, hkv, d, r, gated, fp8, opaque, hnd):
+def fused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, k_scale, v_scale, *, hq, hkv, d, r, gated, fp8, opaque, hnd,
+          return_gate=True):
+    """``return_gate=False``: the gated call without its gate copy, what a compiled chain that
+    keeps the gate as a view launches."""
     out = split_norm_rope_cache(
         qkv, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, gate="interleaved" if gated else None,
         q_weight=qw, k_weight=kw, eps=1e-6, positions=pos, cos_sin_cache=cos_sin,
         key_cache=kc, value_cache=vc, slot_mapping=slots, cache_layout="HND" if hnd else "NHD",
         k_scale=k_scale if fp8 else None, v_scale=v_scale if fp8 else None,
-        return_k=False, return_v=False)
+        return_k=False, return_v=False, return_gate=return_gate)
     return out.q, out.gate
 
 

@@ -13,13 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_op  # noqa: E402
-import tune_kernel  # noqa: E402
 
 name, t, opts = sys.argv[1], int(sys.argv[2]), set(sys.argv[3:])
 inp, kw, _ = bench_op.make_inputs(name, t, "hnd" in opts)
 for _ in range(4):
-    if "no-gate" in opts:
-        tune_kernel.split_no_gate(inp, kw)
-    else:
-        bench_op.fused(*inp, **kw, opaque=False)
+    bench_op.fused(*inp, **kw, opaque=False, return_gate="no-gate" not in opts)
 torch.cuda.synchronize()

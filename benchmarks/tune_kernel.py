@@ -51,7 +51,8 @@ def sweep_variants(a, bw) -> None:
             floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
             line = f"{name:11} T={t:6}: heuristic {base:8.2f} us ({floor / base:5.1%})"
             if gated:  # the same op without its gate output: what the gate copy costs
-                nog = lambda: split_no_gate(inp, kw)  # noqa: E731
+                nog = lambda: bench_op.fused(*inp, **kw, opaque=False,  # noqa: E731
+                                             return_gate=False)
                 us = bench_op.bench(nog, True, rep=20) * 1e3
                 fl = floor - t * hq * d * 2 * 2 / bw * 1e6
                 line += f"; no gate out {us:.2f} us ({fl / us:.1%})"
@@ -70,16 +71,6 @@ def sweep_variants(a, bw) -> None:
             found.sort()
             for us, cfg in found[:a.top]:
                 print(f"    {cfg} {us:8.2f} us ({floor / us:5.1%})", flush=True)
-
-
-def split_no_gate(inp, kw):
-    qkv, qw, kw_, cos_sin, pos, kc, vc, slots, ks, vs = inp
-    return bench_op.split_norm_rope_cache(
-        qkv, num_q_heads=kw["hq"], num_kv_heads=kw["hkv"], head_dim=kw["d"],
-        gate="interleaved", q_weight=qw, k_weight=kw_, eps=1e-6, positions=pos,
-        cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc, slot_mapping=slots,
-        k_scale=ks if kw["fp8"] else None, v_scale=vs if kw["fp8"] else None,
-        return_k=False, return_v=False, return_gate=False)
 
 
 def main():

@@ -16,13 +16,14 @@ and so does NeoX when a tail that is not a power of two would leave tile lanes i
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .fast_launch import CachedLauncher
+from .fast_launch import CachedLauncher, _is_constexpr
 from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 
@@ -592,6 +593,6 @@ class BoundLaunch:
         return tuple(outs)
 
 
-_CONST_NAMES = ("HQ", "HKV", "D", "R", "GATE", "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX",
-                "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG", "IS_FP8", "HAS_KS", "HAS_VS",
-                "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G") + _TILE_CONSTS + ("INTERP",)
+# The kernel's constexpr names in order (BoundLaunch.consts, then TilePlan's, then INTERP)
+_CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()
+                     if _is_constexpr(p))
