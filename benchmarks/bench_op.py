@@ -150,9 +150,8 @@ def bench(fn, graph: bool, rep: int = 50) -> float:
     return tt.do_bench(fn, warmup=25, rep=2 * rep, return_mode="median")
 
 
-def make_inputs(name, t, hnd):
+def make_inputs(name, t, hnd, dev="cuda"):
     hq, hkv, d, r, gated, cdt = SHAPES[name]
-    dev = "cuda"
     qkv = torch.randn(t, (hq * (2 if gated else 1) + 2 * hkv) * d, device=dev, dtype=torch.bfloat16)
     qw = torch.randn(d, device=dev, dtype=torch.bfloat16)
     kw = torch.randn(d, device=dev, dtype=torch.bfloat16)

@@ -6,6 +6,7 @@ configuration, as a fraction of the HBM floor.  Use it to retune ``_pick_blocks`
 times the op without its gate output (what that copy costs).
 
     python benchmarks/tune_kernel.py [--tokens 1,64,1024,16384] [--variants]
+    python benchmarks/tune_kernel.py --shapes qwen3-next --tokens 65536 --tiles "4,2,4;8,2,4,0,0,1"
 """
 import argparse
 import itertools
@@ -73,6 +74,34 @@ def sweep_variants(a, bw) -> None:
                 print(f"    {cfg} {us:8.2f} us ({floor / us:5.1%})", flush=True)
 
 
+def time_tiles(a, bw) -> None:
+    """``--tiles``: the heuristic and each given tile, per shape and T; gated shapes also
+    without their gate output (what a compiled chain that keeps the gate as a view launches),
+    each against its own floor."""
+    tiles = [tuple(int(x) for x in t.split(",")) for t in a.tiles.split(";")]
+    for name in a.shapes.split(","):
+        hq, hkv, d, r, gated, _ = bench_op.SHAPES[name]
+        for t in map(int, a.tokens.split(",")):
+            inp, kw, cbytes = bench_op.make_inputs(name, t, False)
+            floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
+            calls = [("", lambda: bench_op.fused(*inp, **kw, opaque=False), floor)]
+            if gated:
+                calls.append(("no gate out ", lambda: bench_op.fused(
+                    *inp, **kw, opaque=False, return_gate=False),
+                    floor - t * hq * d * 2 * 2 / bw * 1e6))
+            for label, call, fl in calls:
+                cells = []
+                for tile in [None] + tiles:
+                    triton_kernel.set_block_override(tile)
+                    try:
+                        us = bench_op.bench(call, True, rep=20) * 1e3
+                        cells.append(f"{tile or 'heuristic'} {us:.2f} ({fl / us:.1%})")
+                    except Exception as e:  # a config the compiler rejects
+                        cells.append(f"{tile} failed: {type(e).__name__}")
+                triton_kernel.set_block_override(None)
+                print(f"{name:11} T={t:6} {label}: " + "; ".join(cells), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1,64,256,4096,65536")
@@ -81,8 +110,12 @@ def main():
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-gate", action="store_true",
                     help="with --variants: sweep the gated shapes' call without the gate output")
+    ap.add_argument("--tiles", help="time these override tuples, ';'-separated: "
+                    "BLOCK_T,BLOCK_H,warps[,pairs[,early[,row_tail]]]")
     a = ap.parse_args()
     bw = bench_op.copy_bandwidth()
+    if a.tiles:
+        return time_tiles(a, bw)
     print(f"# {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s; "
           f"configs (BLOCK_T, BLOCK_H, warps{', pairs' * a.variants})")
     if a.variants:

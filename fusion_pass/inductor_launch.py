@@ -88,7 +88,7 @@ WRAPPED_ARGS = (
     "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX", "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG",
     "IS_FP8", "HAS_KS", "HAS_VS", "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G", "NQB",
     "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "PAIRS",
-    "EARLY", "INTERP",
+    "EARLY", "ROW_TAIL", "INTERP",
 )
 
 
@@ -110,7 +110,7 @@ def fused_qkv_inductor_kernel(
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    EARLY: tl.constexpr, INTERP: tl.constexpr,
+    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset)."""
@@ -140,7 +140,8 @@ def fused_qkv_inductor_kernel(
         SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
         WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
         NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=EARLY, INTERP=INTERP,
+        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=EARLY,
+        ROW_TAIL=ROW_TAIL, INTERP=INTERP,
     )
 
 

@@ -115,12 +115,15 @@ def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr):
 
 @triton.jit
 def _halves_weights(w_ptr, j, e, w_off, HALF: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                    HAS_W: tl.constexpr):
-    """The norm's scale (weight + offset) for the two rotary halves and the tail."""
+                    HAS_W: tl.constexpr, ROW_TAIL: tl.constexpr):
+    """The norm's scale (weight + offset) for the two rotary halves and the tail (ROW_TAIL:
+    ``e`` spans the whole row)."""
     if HAS_W:
         w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
         w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(tl.float32) + w_off
-        if D > R:
+        if D > R and ROW_TAIL:
+            wt = tl.load(w_ptr + e, mask=(e >= R) & (e < D), other=0.0).to(tl.float32) + w_off
+        elif D > R:
             wt = tl.load(w_ptr + R + e, mask=e < D - R, other=0.0).to(tl.float32) + w_off
         else:
             wt = w1  # no tail: unused
@@ -150,32 +153,43 @@ def _halves_table(cos_ptr, sin_ptr, crow, srow, rmask, j, HALF: tl.constexpr,
 def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
                       cos_ptr, sin_ptr, crow, srow,
                       D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr,
-                      HAS_W: tl.constexpr, EXPANDED: tl.constexpr, EARLY: tl.constexpr):
+                      HAS_W: tl.constexpr, EXPANDED: tl.constexpr, EARLY: tl.constexpr,
+                      ROW_TAIL: tl.constexpr):
     """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
     so every load and store is a full-width vector access and no element is read twice.
 
     EARLY: the table and weight loads go before the norm's reduction (a load after its
     barrier waits for it: one more memory round trip, which small T pays in full); off, they
-    follow it, which held fewer registers and kept large-T tiles faster on partial rotary."""
+    follow it, which held fewer registers and kept large-T tiles faster on partial rotary.
+
+    ROW_TAIL: the tail tile is the whole row (``e`` spans D; its rotary columns are stored by
+    the halves): the norm's sum comes from one tile, with no layout conversion between three,
+    and a tail that is not a power of two leaves no lanes idle.  The halves read their 2 * HALF
+    columns a second time, from L1/L2, not HBM."""
     HALF: tl.constexpr = R // 2
     HAS_TAIL: tl.constexpr = D > R
     x1 = _load(src, rows, j, rmask, j < HALF)
     x2 = _load(src, rows, HALF + j, rmask, j < HALF)
-    if HAS_TAIL:
+    if HAS_TAIL and ROW_TAIL:
+        xt = _load(src, rows, e, rmask, e < D)
+    elif HAS_TAIL:
         xt = _load(src, rows, R + e, rmask, e < D - R)
     else:
         xt = x1  # unused
     if EARLY:
         c1, s1, c2, s2 = _halves_table(cos_ptr, sin_ptr, crow, srow, rmask, j, HALF, EXPANDED)
         if HAS_NORM:
-            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W)
+            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W, ROW_TAIL)
     if HAS_NORM:
-        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
-        if HAS_TAIL:
-            ss += tl.sum(xt * xt, axis=1)
+        if HAS_TAIL and ROW_TAIL:
+            ss = tl.sum(xt * xt, axis=1)
+        else:
+            ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+            if HAS_TAIL:
+                ss += tl.sum(xt * xt, axis=1)
         rstd = tl.rsqrt(ss / D + eps)[:, None]
         if not EARLY:
-            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W)
+            w1, w2, wt = _halves_weights(w_ptr, j, e, w_off, HALF, R, D, HAS_W, ROW_TAIL)
         x1 = x1 * rstd * w1[None, :]
         x2 = x2 * rstd * w2[None, :]
         if HAS_TAIL:
@@ -249,11 +263,11 @@ def _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off,
 def _norm_rope(src, rows, rmask, d, j, e, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow, srow,
                D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, HAS_W: tl.constexpr,
                IS_NEOX: tl.constexpr, EXPANDED: tl.constexpr, SPLIT: tl.constexpr,
-               EARLY: tl.constexpr):
+               EARLY: tl.constexpr, ROW_TAIL: tl.constexpr):
     if SPLIT:
         y1, y2, yt = _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off, cos_ptr,
                                        sin_ptr, crow, srow, D, R, HAS_NORM, HAS_W, EXPANDED,
-                                       EARLY)
+                                       EARLY, ROW_TAIL)
     else:
         y1 = _norm_rope_pairs(src, rows, rmask, d, w_ptr, eps, w_off, cos_ptr, sin_ptr, crow,
                               srow, D, R, HAS_NORM, HAS_W, IS_NEOX, EXPANDED, EARLY)
@@ -280,7 +294,7 @@ def fused_qkv_kernel(
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    EARLY: tl.constexpr, INTERP: tl.constexpr,
+    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, INTERP: tl.constexpr,
 ):
     # One grid axis, head tiles varying fastest: the programs resident at once then cover
     # whole token rows (contiguous memory), which kept HBM busier than a (token, head) grid:
@@ -296,8 +310,10 @@ def fused_qkv_kernel(
     HAS_TAIL: tl.constexpr = D > R
     HALF: tl.constexpr = R // 2
     j = tl.arange(0, BLOCK_HALF)
-    e = tl.arange(0, BLOCK_TAIL)
-    if SPLIT:  # the columns of the three parts, and their masks
+    e = tl.arange(0, BLOCK_TAIL)  # ROW_TAIL: BLOCK_TAIL == BLOCK_D, the tile spans the row
+    if SPLIT and ROW_TAIL:  # the columns of the three parts, and their masks
+        c1, c2, ct, m1, m2, mt = j, HALF + j, e, j < HALF, j < HALF, (e >= R) & (e < D)
+    elif SPLIT:
         c1, c2, ct, m1, m2, mt = j, HALF + j, R + e, j < HALF, j < HALF, e < D - R
     else:
         c1, c2, ct, m1, m2, mt = d, d, d, dm, dm, dm
@@ -317,7 +333,7 @@ def fused_qkv_kernel(
             y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d,
                                     j, e, q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                     tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX,
-                                    EXPANDED, SPLIT, EARLY)
+                                    EXPANDED, SPLIT, EARLY, ROW_TAIL)
             _emit(q_out, (t * HQ + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
         if WRITE_G:
@@ -333,7 +349,7 @@ def fused_qkv_kernel(
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
-                                SPLIT, EARLY)
+                                SPLIT, EARLY, ROW_TAIL)
         if WRITE_K:
             _emit(k_out, (t * HKV + h) * D, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
@@ -443,12 +459,15 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         (block_t, block_h, num_warps), block_d = override[:3], _pow2(d)
         pairs = bool(override[3]) if len(override) > 3 else False
         early = bool(override[4]) if len(override) > 4 else num_tokens < _T_MID
+        row_tail = bool(override[5]) if len(override) > 5 else False
     else:
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
         pairs = _use_pairs(num_tokens, d, rotary_dim)
         # loads before the norm's reduction: -0.1 to -0.2 us at T <= 64 on an H200, but up to
         # 14% slower at T = 65536 for partial rotary (GLM-4.5)
         early = num_tokens < _T_MID
+        row_tail = False
+    row_tail = row_tail and d > rotary_dim and not pairs
     # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
     nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
     nkb = _cdiv(hkv, block_h) if run_k else 0
@@ -457,8 +476,9 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         return None
     return TilePlan(block_t, nqb + nkb + nvb, num_warps, dict(
         NQB=nqb, NKB=nkb, NVB=nvb, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_HALF=_pow2(rotary_dim // 2), BLOCK_TAIL=_pow2(d - rotary_dim), PAIRS=pairs,
-        EARLY=early))
+        BLOCK_HALF=_pow2(rotary_dim // 2),
+        BLOCK_TAIL=_pow2(d) if row_tail else _pow2(d - rotary_dim), PAIRS=pairs, EARLY=early,
+        ROW_TAIL=row_tail))
 
 
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
@@ -478,7 +498,7 @@ def _cached_launcher() -> CachedLauncher:
 _STEP_ARGS = (0, 1, 2, 17, 23)  # q_src, k_src, v_src, positions, slot_mapping
 # Kernel constexprs in kernel order: the fixed ones, then TilePlan's, then INTERP
 _TILE_CONSTS = ("NQB", "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF",
-                "BLOCK_TAIL", "PAIRS", "EARLY")
+                "BLOCK_TAIL", "PAIRS", "EARLY", "ROW_TAIL")
 
 
 def launch(*args, poison: float | None = None, share_empty: bool = False):

@@ -70,10 +70,12 @@ def test_kernel_matches_reference(case, device):
 # Tile shapes and rope paths the tuning script sweeps: (BLOCK_T, BLOCK_H, warps, pairs); pairs
 # runs NeoX through partner loads on one full-row tile.  Several token tiles per program, and
 # head tiles that do not divide the heads, over gated rows (the gate rides in Q programs).
-# A fifth entry sets EARLY (table and weight loads before the norm; default: on at small T).
+# A fifth entry sets EARLY (table and weight loads before the norm; default: on at small T), a
+# sixth ROW_TAIL (the tail tile spans the whole row; only with a tail and without pairs).
 VARIANTS = [(2, 1, 2, False), (4, 2, 2, False), (1, 1, 2, True), (4, 2, 4, True), (2, 4, 1, True),
             (2, 4, 1, False),  # the mid-T pick for many-head models
-            (2, 1, 2, False, False), (1, 1, 2, True, False)]  # the large-T load order
+            (2, 1, 2, False, False), (1, 1, 2, True, False),  # the large-T load order
+            (4, 2, 4, False, False, True), (1, 2, 2, False, True, True)]  # whole-row tail
 VARIANT_CASES = [
     ("gate_interleaved", Case(gate=1, T=7, hq=3)),
     ("gate_blocked_fp8", Case(gate=2, T=5, cache_dtype="fp8_e4m3")),
@@ -102,6 +104,11 @@ def test_tile_variants_match_reference(case, variant, device):
         c = plan.constexprs
         assert (plan.block_t, c["BLOCK_H"], plan.num_warps, c["PAIRS"]) == variant[:4]
         assert c["EARLY"] == (variant[4] if len(variant) > 4 else True)  # small T: on
+        has_tail = case.rotary_dim is not None and case.rotary_dim < case.d
+        row_tail = len(variant) > 5 and variant[5] and has_tail and not variant[3]
+        assert c["ROW_TAIL"] == row_tail
+        assert c["BLOCK_TAIL"] == (c["BLOCK_D"] if row_tail else
+                                   triton_kernel._pow2(case.d - (case.rotary_dim or case.d)))
         check_case(case, device)
     finally:
         triton_kernel.set_block_override(None)

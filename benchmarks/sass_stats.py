@@ -1,0 +1,121 @@
+"""Compile the fused kernel for an H100/H200 (sm_90) on a machine without a GPU and count its
+SASS: registers, instructions, and the kinds that matter for a memory-bound kernel (global
+loads/stores, shared-memory round trips of layout conversions, barriers, shuffles).
+
+The kernel has no loops, so a static count per region is what one program executes.  Use it
+to compare kernel variants before spending device time on them.
+
+    PYTHONPATH=. python benchmarks/sass_stats.py qwen3-next 65536 [no-gate] [--tile 4,2,4,0,0]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile as triton_compile, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+import bench_op  # noqa: E402
+from kernels import triton_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# opcode families worth watching (prefix match on the SASS mnemonic)
+WATCH = ("LDG", "STG", "LDS", "STS", "BAR", "SHFL", "IMAD", "IADD", "LEA", "ISETP", "FMUL",
+         "FFMA", "FADD", "F2F", "PRMT", "SEL", "MUFU")
+
+
+def capture(name: str, t: int, gate: bool):
+    """(grid, args, consts, num_warps) of the op's launch on CPU tensors, without running it."""
+    seen = []
+
+    class Recorder:
+        fn = triton_kernel.fused_qkv_kernel
+
+        def __call__(self, grid, args, consts, num_warps):
+            seen.append((grid, list(args), consts, num_warps))
+
+    triton_kernel._launcher = Recorder()
+    inp, kw, _ = bench_op.make_inputs(name, t, False, dev="cpu")
+    # the op takes the Triton path on the CPU only under this flag (read per call); the
+    # kernel itself was imported without it, so it is the real JIT function, not interpreted
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        bench_op.fused(*inp, **kw, opaque=False, return_gate=gate)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+        triton_kernel._launcher = None
+    grid, args, consts, warps = seen[0]
+    return grid, args, consts[:-1] + (False,), warps  # INTERP off: compiled for the GPU
+
+
+def compile_sm90(args, consts, num_warps):
+    fn = triton_kernel.fused_qkv_kernel
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kw = dict(zip(triton_kernel._CONST_NAMES, consts))
+    bound, spec, options = binder(*args, **kw, num_warps=num_warps)
+    options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
+                                                          bound, spec, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
+
+
+def registers(cubin: bytes) -> int:
+    """Registers per thread, from cuobjdump's resource usage (n_regs needs a loaded kernel)."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
+def stats(kernel) -> dict:
+    sass = kernel.asm["sass"]
+    # one instruction a line, after its control codes: "--:-:0:-:1\t@!P0 LDG.E.128 R12, ..."
+    ops = re.findall(r"^[-0-9A-Za-z:]+\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    fam = collections.Counter()
+    for op in ops:
+        for w in WATCH:
+            if op.startswith(w):
+                fam[w] += 1
+    ttgir = kernel.asm["ttgir"]
+    return dict(regs=registers(kernel.asm["cubin"]), instrs=len(ops), convert_layout=ttgir.count(
+        "ttg.convert_layout"), **fam)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape")
+    ap.add_argument("tokens", type=int)
+    ap.add_argument("opts", nargs="*", help="no-gate")
+    ap.add_argument("--tile", help="BLOCK_T,BLOCK_H,warps[,pairs[,early]] (default: heuristic)")
+    ap.add_argument("--dump", help="write the ttgir and sass here")
+    a = ap.parse_args()
+    if a.tile:
+        triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
+    grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
+    k = compile_sm90(args, consts, warps)
+    print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps}:",
+          " ".join(f"{n}={v}" for n, v in stats(k).items()))
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+        for ext in ("ttgir", "ptx", "sass"):
+            with open(os.path.join(a.dump, f"kernel.{ext}"), "w") as f:
+                f.write(k.asm[ext])
+
+
+if __name__ == "__main__":
+    main()
