@@ -191,17 +191,18 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
          run_v: bool, write_gate: bool) -> _tk.TilePlan:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
-    Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for T = 1
-    (BLOCK_T = 1, T x head-tiles programs; NeoX through partner loads when the unrotated tail
-    is not a power of two), fixed at compile time: right for decode and small batches, but
-    slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not fix
-    that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
-    winner for every later T.)  Dynamic T also keeps the loads after the norm (EARLY off):
+    Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for
+    T = 32 (BLOCK_T = 1, T x head-tiles programs; a whole-row tail tile when the unrotated
+    tail is not a power of two, which costs ~0.07 us against partner loads at T = 16 but is
+    far ahead of them at large T), fixed at compile time: right for decode and small batches,
+    but slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not
+    fix that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps
+    the winner for every later T.)  Dynamic T also keeps the loads after the norm (EARLY off):
     the early loads gain ~0.1 us at small T but cost up to 14% at large T."""
     static_t = isinstance(T, int)
     if static_t and T == 0:
         raise Unsupported("T == 0: nothing to launch")
-    tiles = _tk.tile_plan(T if static_t else 1, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
+    tiles = _tk.tile_plan(T if static_t else _tk._T_SMALL, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
                           write_gate)
     if tiles is None:
         raise Unsupported("the op writes nothing")

@@ -400,20 +400,25 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-_T_MID, _T_LARGE = 256, 1024  # the only token counts at which the tile choice changes
+# the only token counts at which the tile choice changes
+_T_SMALL, _T_MID, _T_LARGE = 32, 256, 1024
 
 
-def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
-                 num_kv_heads: int) -> tuple[int, int, int, int]:
+def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads: int,
+                 row_tail: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps), from ``benchmarks/tune_kernel.py`` on an H200.
 
     BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
     K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
     chain), but two at mid T when a token has many heads.  Large T (and mid T at D=256):
     tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
-    T=65536 (94 registers a thread held occupancy to 31%).
+    T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
+    (ROW_TAIL) from mid T: one token of 1024 elements a program, one warp: on Qwen3-Next at
+    T=65536, 557 against 572 us for 4 tokens of 2 heads on 4 warps (gate-less: 350 / 381 us).
     """
     block_d = _pow2(head_dim)
+    if row_tail and num_tokens >= _T_MID:
+        return 1, max(1, 1024 // block_d), block_d, 1
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     block_t = 1
     if num_tokens >= _T_LARGE or (block_d > 128 and num_tokens >= _T_MID):
@@ -426,12 +431,25 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int,
     return block_t, block_h, block_d, num_warps
 
 
-def _use_pairs(num_tokens: int, head_dim: int, rotary_dim: int) -> bool:
-    """NeoX through partner loads (one full-row tile) instead of half/half/tail tiles: when the
-    tail is not a power of two its tile has idle lanes (Qwen3-Next: 192 of 256), and at small T
-    the one tile was 0.4 us faster there; at large T the split tiles stay ahead."""
+def _odd_tail(head_dim: int, rotary_dim: int) -> bool:
+    """An unrotated tail that is not a power of two: its own tile would leave lanes idle
+    (Qwen3-Next: 192 of 256)."""
     tail = head_dim - rotary_dim
-    return num_tokens < _T_MID and tail > 0 and tail & (tail - 1) != 0
+    return tail > 0 and tail & (tail - 1) != 0
+
+
+def _use_pairs(num_tokens: int, head_dim: int, rotary_dim: int) -> bool:
+    """NeoX through partner loads (one full-row tile) for an odd tail below T=32: 2.00 against
+    2.07 us for the whole-row tail at T=16 on Qwen3-Next (H200), but 2.22 against 2.13 at T=64,
+    and far behind at large T (439 against 344 us gate-less at T=65536)."""
+    return num_tokens < _T_SMALL and _odd_tail(head_dim, rotary_dim)
+
+
+def _use_row_tail(num_tokens: int, head_dim: int, rotary_dim: int) -> bool:
+    """The whole-row tail tile (ROW_TAIL) for an odd tail from T=32 on: on Qwen3-Next (H200)
+    +11% gated and +27% gate-less at T=65536 over the half/half/tail tiles.  A power-of-two
+    tail keeps its own tile: GLM-4.5 (tail 64 of 128) ran 10% slower with the whole row."""
+    return num_tokens >= _T_SMALL and _odd_tail(head_dim, rotary_dim)
 
 
 class TilePlan(NamedTuple):
@@ -448,8 +466,9 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
                      tuple(_BLOCK_OVERRIDE))
-    # _pick_blocks and _use_pairs only tell T < _T_MID, < _T_LARGE and the rest apart
-    bucket = 1 if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
+    # the choice only changes at _T_SMALL, _T_MID and _T_LARGE
+    bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_MID else \
+        _T_MID if num_tokens < _T_LARGE else _T_LARGE
     return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, None)
 
 
@@ -461,12 +480,12 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         early = bool(override[4]) if len(override) > 4 else num_tokens < _T_MID
         row_tail = bool(override[5]) if len(override) > 5 else False
     else:
-        block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv)
+        row_tail = _use_row_tail(num_tokens, d, rotary_dim)
+        block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv, row_tail)
         pairs = _use_pairs(num_tokens, d, rotary_dim)
         # loads before the norm's reduction: -0.1 to -0.2 us at T <= 64 on an H200, but up to
         # 14% slower at T = 65536 for partial rotary (GLM-4.5)
         early = num_tokens < _T_MID
-        row_tail = False
     row_tail = row_tail and d > rotary_dim and not pairs
     # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
     nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0

@@ -114,14 +114,31 @@ def test_tile_variants_match_reference(case, variant, device):
         triton_kernel.set_block_override(None)
 
 
-def test_pairs_heuristic_only_for_small_t_and_odd_tails():
+def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
+    """An unrotated tail that is not a power of two: partner loads below T=32, the whole-row
+    tail tile from there on (and one token of 1024 elements a program, one warp, from mid T);
+    dynamic-T graphs take the whole-row tail.  Power-of-two tails keep half/half/tail."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch
     from kernels.triton_kernel import tile_plan
-    def pairs(t, d, r):
-        return tile_plan(t, 16, 2, d, r, True, True, True, True).constexprs["PAIRS"]
-    assert pairs(64, 256, 64)  # Qwen3-Next: a 192-wide tail
-    assert not pairs(4096, 256, 64)
-    assert not pairs(64, 128, 64)  # GLM-4.5: a 64-wide tail, a power of two
-    assert not pairs(64, 128, 128)  # full rotary
+    def plan(t, d, r):
+        p = tile_plan(t, 16, 2, d, r, True, True, True, True)
+        c = p.constexprs
+        return c["PAIRS"], c["ROW_TAIL"], (p.block_t, c["BLOCK_H"], p.num_warps)
+    assert plan(1, 256, 64)[:2] == (True, False)  # Qwen3-Next: a 192-wide tail
+    assert plan(31, 256, 64)[:2] == (True, False)
+    assert plan(32, 256, 64) == (False, True, (1, 2, 2))
+    assert plan(255, 256, 64) == (False, True, (1, 2, 2))
+    assert plan(256, 256, 64) == (False, True, (1, 4, 1))
+    assert plan(65536, 256, 64) == (False, True, (1, 4, 1))
+    for t in (1, 64, 65536):
+        assert plan(t, 128, 64)[:2] == (False, False)  # GLM-4.5: a 64-wide tail
+        assert plan(t, 128, 128)[:2] == (False, False)  # full rotary
+    kw = dict(hq=16, hkv=2, d=256, rotary_dim=64, write_q=True, run_k=True, run_v=True,
+              write_gate=False)
+    dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
+    assert dyn.constexprs["ROW_TAIL"] and not dyn.constexprs["PAIRS"] and dyn.block_t == 1
 
 
 def test_plan_constexprs_in_kernel_order():
@@ -176,7 +193,7 @@ def test_early_loads_only_for_static_small_t():
               write_gate=False)
     assert inductor_launch.plan(64, **kw).constexprs["EARLY"]
     dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
-    assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # dynamic T: T=1 tiles, late loads
+    assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # dynamic T: small-T tiles, late loads
 
 
 def test_mid_t_tiles_for_many_head_models():
