@@ -225,7 +225,14 @@ def main():
     ap.add_argument("--host", action="store_true", help="only the host-overhead lines")
     ap.add_argument("--floors", default=None, metavar="T,T,...",
                     help="only the fused op against its floors at these T (NHD)")
+    ap.add_argument("--tokens", default=None, metavar="T,T,...", help="these T only")
+    ap.add_argument("--layouts", default="NHD,HND")
+    ap.add_argument("--tile", default=None, metavar="BT,BH,W[,pairs[,early[,row_tail]]]",
+                    help="force this tile on every launch, the op's and the pass's")
     args = ap.parse_args()
+    if args.tile:
+        from kernels import triton_kernel
+        triton_kernel.set_block_override(tuple(int(x) for x in args.tile.split(",")))
     torch.manual_seed(0)
     # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.
     torch._dynamo.config.recompile_limit = 1024
@@ -244,7 +251,9 @@ def main():
     if args.host:
         return
     tokens = (1, 64, 1024, 16384) if args.quick else TOKENS
-    layouts = (False,) if args.quick else (False, True)
+    if args.tokens:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+    layouts = (False,) if args.quick else tuple(x == "HND" for x in args.layouts.split(","))
     hdr = (f"{'shape':11} {'lay':3} {'T':>6} | {'eager':>8} {'compile':>8} {'c+opaque':>8} "
            f"{'fused':>7} {'+pass':>7} {'floor':>7} {'copy':>7} | {'%bw':>5} {'x eager':>7} "
            f"{'x comp':>6} {'x opq':>6} {'pass/opq':>8}")

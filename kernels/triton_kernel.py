@@ -413,12 +413,16 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
     chain), but two at mid T when a token has many heads.  Large T (and mid T at D=256):
     tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
     T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
-    (ROW_TAIL) from mid T: one token of 1024 elements a program, one warp: on Qwen3-Next at
-    T=65536, 557 against 572 us for 4 tokens of 2 heads on 4 warps (gate-less: 350 / 381 us).
+    (ROW_TAIL): from T=1024 one token of 1024 elements a program on one warp (Qwen3-Next,
+    T=65536: 557 against 572 us for 4 tokens of 2 heads on 4 warps; gate-less 350 / 381 us);
+    below, the small-T tiles (at T=256 the 1024-element tile took 3.85 us, the split tiles
+    3.55, gated).
     """
     block_d = _pow2(head_dim)
-    if row_tail and num_tokens >= _T_MID:
+    if row_tail and num_tokens >= _T_LARGE:
         return 1, max(1, 1024 // block_d), block_d, 1
+    if row_tail:
+        num_tokens = 1  # the small-T tiles
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     block_t = 1
     if num_tokens >= _T_LARGE or (block_d > 128 and num_tokens >= _T_MID):

@@ -162,7 +162,9 @@ def build(f: Form):
         # Also the float64 modules the oracle's float64 weights select, and those of K's eps.
         for e in {f.eps, f.eps if f.k_eps is None else f.k_eps}:
             for mdt in (wdt, torch.float64):
-                m = _NN_NORMS[(d, e, mdt, str(torch.device(dev)))]
+                # keyed by the device as a tensor reports it ("cuda:0", not "cuda"), as
+                # _norm looks it up: else the compiled code builds a module (a graph break)
+                m = _NN_NORMS[(d, e, mdt, str(qw.device))]
                 with torch.no_grad():
                     m.weight.copy_(qw)
         kw = qw.clone()

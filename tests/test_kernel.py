@@ -116,7 +116,7 @@ def test_tile_variants_match_reference(case, variant, device):
 
 def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     """An unrotated tail that is not a power of two: partner loads below T=32, the whole-row
-    tail tile from there on (and one token of 1024 elements a program, one warp, from mid T);
+    tail tile from there on (and one token of 1024 elements a program, one warp, from T=1024);
     dynamic-T graphs take the whole-row tail.  Power-of-two tails keep half/half/tail."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -130,7 +130,8 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     assert plan(31, 256, 64)[:2] == (True, False)
     assert plan(32, 256, 64) == (False, True, (1, 2, 2))
     assert plan(255, 256, 64) == (False, True, (1, 2, 2))
-    assert plan(256, 256, 64) == (False, True, (1, 4, 1))
+    assert plan(1023, 256, 64) == (False, True, (1, 2, 2))
+    assert plan(1024, 256, 64) == (False, True, (1, 4, 1))
     assert plan(65536, 256, 64) == (False, True, (1, 4, 1))
     for t in (1, 64, 65536):
         assert plan(t, 128, 64)[:2] == (False, False)  # GLM-4.5: a 64-wide tail
