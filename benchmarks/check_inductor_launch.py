@@ -75,7 +75,15 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     "view_dyn_cache": (dict(), False),
     "hnd_dyn_cache": (dict(cache="hnd"), False),
     "view_dyn_cache_dyn_t": (dict(), True),
+    # FusionOptions(dynamic_tiles="prefill") on a dynamic T with a 192-wide tail: the T=1024
+    # tiles (one token of four heads, the whole-row tail), not the decode ones (FORM_CHECKS)
+    "gated_dyn_prefill": (dict(split="gated_interleaved", rotary=0.25, d=256, hq=4, hkv=1,
+                               norm="gemma", cache="fp8"), True),
 }
+FORM_OPTIONS = {"gated_dyn_prefill": dict(dynamic_tiles="prefill")}  # more FusionOptions
+# a substring every launch description (inductor_launch.describe) of the form must hold
+FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,ROW_TAIL=1",
+               "view_dyn": "EARLY=0"}
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
@@ -143,6 +151,9 @@ def assert_launch_used(rep, name=None):
     ops = {c.op for c in rep.fused}
     assert ops == {il.OP_NAME}, f"report ops {ops}, expected {il.OP_NAME!r}"
     assert len(Recorder.launches) == fused, "not every fused chain used inductor_launch"
+    want = FORM_CHECKS.get(name)
+    assert want is None or all(want in d for d in Recorder.launches), \
+        f"launch {Recorder.launches} lacks {want!r}"
     return fused
 
 
@@ -364,7 +375,8 @@ def compile_one(mode, name, codes, verbose):
         args = resize_caches(args, RESIZE_CACHES[name])
         Recorder.clear(), codes.clear()
     before = clone_args(args)
-    fp = fusion_pass.FusionPass(allow_cpu=device == "cpu", inductor_launch=True)
+    fp = fusion_pass.FusionPass(allow_cpu=device == "cpu", inductor_launch=True,
+                                **FORM_OPTIONS.get(name, {}))
     with recording():
         out = call(fp, args)
     code = "\n".join(codes)
@@ -581,7 +593,8 @@ def interp_one(name, verbose):
     Recorder.clear()
     graphs = []
     fn, args, dynamic = build_case(name, "cpu")
-    fp = fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True)
+    fp = fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True,
+                                **FORM_OPTIONS.get(name, {}))
     passes = [fp]
 
     def fw(gm, example_inputs):

@@ -16,6 +16,7 @@ whole projection (OLMo2) are not this op and are reported as rejected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from typing import Optional
@@ -427,8 +428,10 @@ def _call(b: Builder, op, args: tuple, opts: FusionOptions, kc: Optional[dict] =
         return fused_with_cache(b, op, args, kc, vc)[1:]
 
     if opts.inductor_launch:
+        tiles = dict(dynamic_tiles=opts.dynamic_tiles)
         try:
-            return (*insert(inductor_launch.call_fused, inductor_launch.call_fused_with_cache),
+            return (*insert(functools.partial(inductor_launch.call_fused, **tiles),
+                            functools.partial(inductor_launch.call_fused_with_cache, **tiles)),
                     inductor_launch.OP_NAME)
         except inductor_launch.Unsupported as e:
             if tensor_val(args[0]).device.type == "cuda":  # elsewhere the custom op is the plan

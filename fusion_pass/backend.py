@@ -16,7 +16,8 @@ def make_backend(*, mode: Optional[str] = None, inductor_options: Optional[dict]
     Args:
         mode: ``"reduce-overhead"`` also captures CUDA graphs (as ``torch.compile``'s mode).
         inductor_options: more ``torch._inductor.config`` settings for these compiles.
-        **options: :class:`FusionOptions` fields (``allow_cpu``, ``fuse_cache``, ``fuse_norm``).
+        **options: :class:`FusionOptions` fields (``allow_cpu``, ``fuse_cache``, ``fuse_norm``,
+            ``inductor_launch``, ``dynamic_tiles``).
 
     The pass (and its ``report``) is ``backend.fusion_pass``.  Any
     ``post_grad_custom_post_pass`` already configured is replaced for these compiles only.

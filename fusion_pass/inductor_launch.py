@@ -188,7 +188,7 @@ def supported(device: torch.device) -> tuple[bool, str]:
 # ----------------------------------------------------------------- what to launch, statically
 
 def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
-         run_v: bool, write_gate: bool) -> _tk.TilePlan:
+         run_v: bool, write_gate: bool, dynamic_tiles: str = "decode") -> _tk.TilePlan:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for
@@ -197,12 +197,14 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     far ahead of them at large T), fixed at compile time: right for decode and small batches,
     but slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not
     fix that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps
-    the winner for every later T.)  Dynamic T also keeps the loads after the norm (EARLY off):
-    the early loads gain ~0.1 us at small T but cost up to 14% at large T."""
+    the winner for every later T.)  ``dynamic_tiles="prefill"`` (``FusionOptions``) takes
+    the choice for T = 1024 instead.  Dynamic T also keeps the loads after the norm (EARLY
+    off): the early loads gain ~0.1 us at small T but cost up to 14% at large T."""
     static_t = isinstance(T, int)
     if static_t and T == 0:
         raise Unsupported("T == 0: nothing to launch")
-    tiles = _tk.tile_plan(T if static_t else _tk._T_SMALL, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
+    dyn_t = _tk._T_LARGE if dynamic_tiles == "prefill" else _tk._T_SMALL
+    tiles = _tk.tile_plan(T if static_t else dyn_t, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
                           write_gate)
     if tiles is None:
         raise Unsupported("the op writes nothing")
@@ -319,15 +321,17 @@ def _op_args(op, args: tuple) -> dict:
     return dict(zip(names, args))
 
 
-def call_fused_with_cache(b, op, args: tuple, kc: dict, vc: dict) -> tuple:
+def call_fused_with_cache(b, op, args: tuple, kc: dict, vc: dict,
+                         dynamic_tiles: str = "decode") -> tuple:
     """Drop-in for ``rewrite.call_fused_with_cache`` (``kc``/``vc``: base, size, stride,
     offset, alias): returns ``(hop_node, outs[4], {id(base): new_base_node})``.
+    ``dynamic_tiles``: see :func:`plan`.
 
     Raises :class:`Unsupported` (graph untouched) when this path cannot be used."""
-    return _build(b, _op_args(op, args), kc, vc)
+    return _build(b, _op_args(op, args), kc, vc, dynamic_tiles)
 
 
-def call_fused(b, op, args: tuple) -> tuple:
+def call_fused(b, op, args: tuple, dynamic_tiles: str = "decode") -> tuple:
     """Drop-in for ``rewrite.call_fused`` (no cache): returns ``(hop_node, outs[4])``.
 
     Raises :class:`Unsupported` (graph untouched) when this path cannot be used."""
@@ -335,11 +339,11 @@ def call_fused(b, op, args: tuple) -> tuple:
     for k in ("slot_mapping", "k_scale", "v_scale"):
         a.setdefault(k, None)
     a.setdefault("skip_negative_slots", True)
-    node, outs, _ = _build(b, a, None, None)
+    node, outs, _ = _build(b, a, None, None, dynamic_tiles)
     return node, outs
 
 
-def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict]) -> tuple:
+def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: str) -> tuple:
     from torch._higher_order_ops.triton_kernel_wrap import (kernel_side_table,
                                                             triton_kernel_wrapper_functional)
 
@@ -353,7 +357,7 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict]) -> tuple:
     write_gate = bool(a["write_gate"]) and a["gate_layout"] != GATE_NONE
     tiles = plan(T, hq=hq, hkv=hkv, d=d, rotary_dim=a["rotary_dim"], write_q=a["write_q"],
                  run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
-                 write_gate=write_gate)
+                 write_gate=write_gate, dynamic_tiles=dynamic_tiles)
 
     # --- everything static is checked before the first node goes in -----------------------
     cache_fp8, fp8, k_off, v_off = 0, None, 0, 0
@@ -509,13 +513,16 @@ def _check_writes(kw: dict, expected: set, num_warps: int) -> None:
 
 
 def describe(node: Node) -> str:
-    """One line for reports and debugging: kernel, grid, num_warps, what it mutates."""
+    """One line for reports and debugging: kernel, grid, num_warps, tile, what it mutates."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     k = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
     nw = k.configs[0].num_warps if hasattr(k, "configs") else "?"
+    kw = node.kwargs["kwargs"]
+    tile = ",".join(f"{n}={int(kw[n])}" for n in ("BLOCK_T", "BLOCK_H", "PAIRS", "EARLY",
+                                                   "ROW_TAIL"))
     return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
-            f"mutates={list(node.kwargs['tensors_to_clone'])}")
+            f"tile={tile} mutates={list(node.kwargs['tensors_to_clone'])}")
 
 
 __all__ = ["OP_NAME", "Unsupported", "supported", "plan", "kernel_kwargs",

@@ -142,6 +142,26 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     assert dyn.constexprs["ROW_TAIL"] and not dyn.constexprs["PAIRS"] and dyn.block_t == 1
 
 
+@pytest.mark.parametrize("shape", [(16, 2, 256, 64), (32, 8, 128, 128), (96, 8, 128, 64)],
+                         ids=["qwen3_next", "qwen3_8b", "glm45"])
+def test_dynamic_tiles_prefill_takes_the_t1024_plan(shape):
+    """FusionOptions.dynamic_tiles: a dynamic T gets the T=32 plan ("decode") or the T=1024
+    one ("prefill"), always with the late loads (EARLY off)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch
+    from kernels.triton_kernel import tile_plan
+    hq, hkv, d, r = shape
+    kw = dict(hq=hq, hkv=hkv, d=d, rotary_dim=r, write_q=True, run_k=True, run_v=True,
+              write_gate=False)
+    t = ShapeEnv().create_unbacked_symint()
+    for mode, at in (("decode", 32), ("prefill", 1024)):
+        got = inductor_launch.plan(t, **kw, dynamic_tiles=mode)
+        want = tile_plan(at, hq, hkv, d, r, True, True, True, False)
+        assert got._replace(constexprs=None) == want._replace(constexprs=None)
+        assert got.constexprs == {**want.constexprs, "EARLY": False}
+
+
 def test_plan_constexprs_in_kernel_order():
     """BoundLaunch passes the plan's constexprs as a tuple, in the dict's order."""
     from fusion_pass import inductor_launch

@@ -65,6 +65,14 @@ def test_uuid_is_stable_and_depends_on_options():
     assert a.uuid() == b.uuid()
     assert a.uuid() != fusion_pass.FusionPass(fuse_cache=False).uuid()
     assert a.uuid() != fusion_pass.FusionPass(inductor_launch=False).uuid()
+    assert a.uuid() != fusion_pass.FusionPass(dynamic_tiles="prefill").uuid()
+
+
+def test_dynamic_tiles_option_is_checked():
+    with pytest.raises(ValueError, match="dynamic_tiles"):
+        fusion_pass.FusionOptions(dynamic_tiles="large")
+    with pytest.raises(ValueError, match="dynamic_tiles"):
+        fusion_pass.make_backend(dynamic_tiles=None)
 
 
 def test_inductor_launch_failure_falls_back_to_custom_op(monkeypatch, caplog):
