@@ -101,7 +101,8 @@ def main():
     ap.add_argument("shape")
     ap.add_argument("tokens", type=int)
     ap.add_argument("opts", nargs="*", help="no-gate")
-    ap.add_argument("--tile", help="BLOCK_T,BLOCK_H,warps[,pairs[,early]] (default: heuristic)")
+    ap.add_argument("--tile", help="BLOCK_T,BLOCK_H,warps[,pairs[,early[,row_tail]]] "
+                    "(default: the heuristic; any T >= 1024 gives the large-T tiles)")
     ap.add_argument("--dump", help="write the ttgir and sass here")
     a = ap.parse_args()
     if a.tile:

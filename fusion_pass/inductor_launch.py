@@ -188,7 +188,8 @@ def supported(device: torch.device) -> tuple[bool, str]:
 # ----------------------------------------------------------------- what to launch, statically
 
 def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
-         run_v: bool, write_gate: bool, dynamic_tiles: str = "decode") -> _tk.TilePlan:
+         run_v: bool, write_gate: bool, dynamic_tiles: str = "decode",
+         is_neox: bool = True) -> _tk.TilePlan:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for
@@ -205,7 +206,7 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
         raise Unsupported("T == 0: nothing to launch")
     dyn_t = _tk._T_LARGE if dynamic_tiles == "prefill" else _tk._T_SMALL
     tiles = _tk.tile_plan(T if static_t else dyn_t, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
-                          write_gate)
+                          write_gate, is_neox)
     if tiles is None:
         raise Unsupported("the op writes nothing")
     if not static_t:
@@ -357,7 +358,8 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
     write_gate = bool(a["write_gate"]) and a["gate_layout"] != GATE_NONE
     tiles = plan(T, hq=hq, hkv=hkv, d=d, rotary_dim=a["rotary_dim"], write_q=a["write_q"],
                  run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
-                 write_gate=write_gate, dynamic_tiles=dynamic_tiles)
+                 write_gate=write_gate, dynamic_tiles=dynamic_tiles,
+                 is_neox=bool(a["is_neox"]))
 
     # --- everything static is checked before the first node goes in -----------------------
     cache_fp8, fp8, k_off, v_off = 0, None, 0, 0

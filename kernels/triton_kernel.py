@@ -11,7 +11,8 @@ which stays inside one row of the tile.  For NeoX rope (the common case) a row i
 three contiguous tiles, the two rotary halves and the unrotated tail, so element i of one half
 meets its partner i of the other in the same thread, and every access is a full-width vector.
 GPT-J pairs (2i, 2i+1) load each element's partner a second time instead (same cache line),
-and so does NeoX when a tail that is not a power of two would leave tile lanes idle (PAIRS).
+and so does NeoX below T=32 when a tail that is not a power of two would leave tile lanes idle
+(PAIRS); from T=32 such a tail is handled in a tile that spans the whole row (ROW_TAIL).
 """
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def _norm_rope_halves(src, rows, rmask, j, e, w_ptr, eps, w_off,
                       HAS_W: tl.constexpr, EXPANDED: tl.constexpr, EARLY: tl.constexpr,
                       ROW_TAIL: tl.constexpr):
     """NeoX rope: the two rotary halves and the unrotated tail are separate contiguous tiles,
-    so every load and store is a full-width vector access and no element is read twice.
+    so every load and store is a full-width vector access and (ROW_TAIL aside) no element is
+    read twice.
 
     EARLY: the table and weight loads go before the norm's reduction (a load after its
     barrier waits for it: one more memory round trip, which small T pays in full); off, they
@@ -384,9 +386,10 @@ _BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs[, early]]) forced
 
 
 def set_block_override(cfg) -> None:
-    """Force ``(BLOCK_T, BLOCK_H, num_warps)``, ``(..., pairs)`` or ``(..., pairs, early)`` for
-    every launch (None: the heuristic).  Dynamic-T Inductor launches keep EARLY off regardless
-    (``fusion_pass.inductor_launch.plan``)."""
+    """Force ``(BLOCK_T, BLOCK_H, num_warps)``, ``(..., pairs)``, ``(..., pairs, early)`` or
+    ``(..., pairs, early, row_tail)`` for every launch (None: the heuristic).  ``row_tail``
+    applies only to NeoX rope with a tail and without pairs.  Dynamic-T Inductor launches keep
+    EARLY off regardless (``fusion_pass.inductor_launch.plan``)."""
     global _BLOCK_OVERRIDE
     _BLOCK_OVERRIDE = cfg
 
@@ -413,14 +416,16 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
     chain), but two at mid T when a token has many heads.  Large T (and mid T at D=256):
     tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
     T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
-    (ROW_TAIL): from T=1024 one token of 1024 elements a program on one warp (Qwen3-Next,
-    T=65536: 557 against 572 us for 4 tokens of 2 heads on 4 warps; gate-less 350 / 381 us);
+    (ROW_TAIL): from T=1024 one token of up to 1024 elements a program on one warp, as many
+    heads as the Q heads allow even if K/V tiles then have idle rows (Qwen3-Next, 4 heads of
+    2 KV heads, T=65536: 557 against 572 us for 4 tokens of 2 heads on 4 warps; gate-less
+    350 / 381 us);
     below, the small-T tiles (at T=256 the 1024-element tile took 3.85 us, the split tiles
     3.55, gated).
     """
     block_d = _pow2(head_dim)
-    if row_tail and num_tokens >= _T_LARGE:
-        return 1, max(1, 1024 // block_d), block_d, 1
+    if row_tail and num_tokens >= _T_LARGE:  # (K/V tiles may have more heads than there are)
+        return 1, max(1, min(_pow2(num_q_heads), 1024 // block_d)), block_d, 1
     if row_tail:
         num_tokens = 1  # the small-T tiles
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
@@ -460,37 +465,41 @@ class TilePlan(NamedTuple):
     block_t: int  # tokens per program
     head_tiles: int  # of all regions: the grid is cdiv(T, block_t) * head_tiles programs
     num_warps: int
-    constexprs: dict  # _TILE_CONSTS: NQB ... BLOCK_TAIL, PAIRS, EARLY
+    constexprs: dict  # _TILE_CONSTS: NQB ... BLOCK_TAIL, PAIRS, EARLY, ROW_TAIL
 
 
 def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool,
-              run_k: bool, run_v: bool, write_gate: bool) -> Optional[TilePlan]:
+              run_k: bool, run_v: bool, write_gate: bool,
+              is_neox: bool = True) -> Optional[TilePlan]:
     """Tiles and grid of one launch (None: nothing to do).  ``run_k``/``run_v``: K/V programs
-    run (an output or the cache wants them); ``write_gate`` only when the layout is gated."""
+    run (an output or the cache wants them); ``write_gate`` only when the layout is gated;
+    ``is_neox``: the rope style (GPT-J has no half/half/tail tiles, so no PAIRS or ROW_TAIL)."""
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
-                     tuple(_BLOCK_OVERRIDE))
+                     is_neox, tuple(_BLOCK_OVERRIDE))
     # the choice only changes at _T_SMALL, _T_MID and _T_LARGE
     bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_MID else \
         _T_MID if num_tokens < _T_LARGE else _T_LARGE
-    return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, None)
+    return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, is_neox,
+                 None)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, override):
+def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, is_neox,
+          override):
     if override is not None:
         (block_t, block_h, num_warps), block_d = override[:3], _pow2(d)
         pairs = bool(override[3]) if len(override) > 3 else False
         early = bool(override[4]) if len(override) > 4 else num_tokens < _T_MID
         row_tail = bool(override[5]) if len(override) > 5 else False
     else:
-        row_tail = _use_row_tail(num_tokens, d, rotary_dim)
+        row_tail = is_neox and _use_row_tail(num_tokens, d, rotary_dim)
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv, row_tail)
-        pairs = _use_pairs(num_tokens, d, rotary_dim)
+        pairs = is_neox and _use_pairs(num_tokens, d, rotary_dim)
         # loads before the norm's reduction: -0.1 to -0.2 us at T <= 64 on an H200, but up to
         # 14% slower at T = 65536 for partial rotary (GLM-4.5)
         early = num_tokens < _T_MID
-    row_tail = row_tail and d > rotary_dim and not pairs
+    row_tail = row_tail and is_neox and d > rotary_dim and not pairs
     # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
     nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
     nkb = _cdiv(hkv, block_h) if run_k else 0
@@ -555,7 +564,7 @@ class BoundLaunch:
         write_gate = write_gate and gate_layout != GATE_NONE
         has_cache = key_cache is not None
         self.shape = (hq, hkv, d, rotary_dim, write_q, write_k or has_cache,
-                      write_v or has_cache, write_gate)  # tile_plan's arguments after T
+                      write_v or has_cache, write_gate, is_neox)  # tile_plan's after T
         self.wants = ((write_q, hq), (write_k, hkv), (write_v, hkv), (write_gate, hq))
         self.share_empty = share_empty
         self.has_cache, self.has_pos = has_cache, positions is not None

@@ -57,6 +57,11 @@ CASES = [
     ("skip_gate_out", Case(gate=2, writes=(True, True, True, False))),
     ("bigger_T", Case(T=37, num_blocks=12, block_size=4)),
     ("block_size_16", Case(T=9, block_size=16, num_blocks=2)),
+    # an odd tail (48 of 80) from T=32: the heuristic's whole-row tail tiles, small and large T
+    ("row_tail_t33", Case(d=80, rotary_dim=32, T=33, num_blocks=12)),
+    ("row_tail_t1030", Case(d=80, rotary_dim=32, T=1030, hq=4, hkv=2, block_size=16,
+                            num_blocks=70)),
+    ("gptj_odd_tail_t40", Case(is_neox=False, d=80, rotary_dim=32, T=40, num_blocks=12)),
 ]
 
 
@@ -100,12 +105,14 @@ def test_tile_variants_match_reference(case, variant, device):
     triton_kernel.set_block_override(variant)
     try:
         plan = triton_kernel.tile_plan(case.T, case.hq, case.hkv, case.d,
-                                       case.rotary_dim or case.d, True, True, True, True)
+                                       case.rotary_dim or case.d, True, True, True, True,
+                                       case.is_neox)
         c = plan.constexprs
         assert (plan.block_t, c["BLOCK_H"], plan.num_warps, c["PAIRS"]) == variant[:4]
         assert c["EARLY"] == (variant[4] if len(variant) > 4 else True)  # small T: on
         has_tail = case.rotary_dim is not None and case.rotary_dim < case.d
-        row_tail = len(variant) > 5 and variant[5] and has_tail and not variant[3]
+        row_tail = (len(variant) > 5 and variant[5] and has_tail and not variant[3]
+                    and case.is_neox)
         assert c["ROW_TAIL"] == row_tail
         assert c["BLOCK_TAIL"] == (c["BLOCK_D"] if row_tail else
                                    triton_kernel._pow2(case.d - (case.rotary_dim or case.d)))
@@ -136,6 +143,15 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     for t in (1, 64, 65536):
         assert plan(t, 128, 64)[:2] == (False, False)  # GLM-4.5: a 64-wide tail
         assert plan(t, 128, 128)[:2] == (False, False)  # full rotary
+        # GPT-J has no half/half/tail tiles: its tiles stay as they were (GPT-J-6B: 192 tail)
+        gptj = tile_plan(t, 16, 16, 256, 64, True, True, True, False, is_neox=False)
+        assert not gptj.constexprs["PAIRS"] and not gptj.constexprs["ROW_TAIL"]
+        full = tile_plan(t, 16, 16, 256, 256, True, True, True, False)  # no tail at all
+        assert gptj[:3] == full[:3]
+        assert gptj.constexprs["BLOCK_H"] == full.constexprs["BLOCK_H"]
+    # the large-T whole-row tile has no more heads than the Q heads
+    one = tile_plan(4096, 1, 1, 256, 64, True, True, True, False)
+    assert one.constexprs["ROW_TAIL"] and one.constexprs["BLOCK_H"] == 1
     kw = dict(hq=16, hkv=2, d=256, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
     dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
