@@ -229,7 +229,12 @@ def main():
     ap.add_argument("--layouts", default="NHD,HND")
     ap.add_argument("--tile", default=None, metavar="BT,BH,W[,pairs[,early[,row_tail]]]",
                     help="force this tile on every launch, the op's and the pass's")
+    ap.add_argument("--index32", action="store_true",
+                    help="the op with int32 element offsets where they fit (_INDEX32)")
     args = ap.parse_args()
+    if args.index32:
+        from kernels import triton_kernel
+        triton_kernel._INDEX32 = True
     if args.tile:
         from kernels import triton_kernel
         triton_kernel.set_block_override(tuple(int(x) for x in args.tile.split(",")))

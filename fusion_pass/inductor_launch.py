@@ -88,7 +88,7 @@ WRAPPED_ARGS = (
     "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX", "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG",
     "IS_FP8", "HAS_KS", "HAS_VS", "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G", "NQB",
     "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "PAIRS",
-    "EARLY", "ROW_TAIL", "INTERP",
+    "EARLY", "ROW_TAIL", "IDX64", "INTERP",
 )
 
 
@@ -110,7 +110,7 @@ def fused_qkv_inductor_kernel(
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, INTERP: tl.constexpr,
+    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset)."""
@@ -141,7 +141,7 @@ def fused_qkv_inductor_kernel(
         WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
         NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=EARLY,
-        ROW_TAIL=ROW_TAIL, INTERP=INTERP,
+        ROW_TAIL=ROW_TAIL, IDX64=IDX64, INTERP=INTERP,
     )
 
 
@@ -253,6 +253,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         WRITE_Q=outs["q_out"] is not None, WRITE_K=outs["k_out"] is not None,
         WRITE_V=outs["v_out"] is not None, WRITE_G=outs["g_out"] is not None,
         **constexprs,
+        IDX64=True,  # T is symbolic or the caches may be: the offsets stay int64
         INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
         V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
     )

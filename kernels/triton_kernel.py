@@ -46,9 +46,16 @@ def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+               IDX64: tl.constexpr):
+    """Token and head of each tile row.  IDX64: the element offsets built from ``t`` are
+    int64; off, int32, which the host allows only when every offset fits (``_fits_int32``):
+    64-bit address arithmetic is about a fifth of the kernel's instructions."""
     r = tl.arange(0, BLOCK_T * BLOCK_H)
-    t = tl.cast(pid_t, tl.int64) * BLOCK_T + r // BLOCK_H
+    if IDX64:
+        t = tl.cast(pid_t, tl.int64) * BLOCK_T + r // BLOCK_H
+    else:
+        t = pid_t * BLOCK_T + r // BLOCK_H
     h = h0 + r % BLOCK_H
     return t, h, (t < T) & (h < NH)
 
@@ -80,19 +87,25 @@ def _emit(ptr, rows, rmask, y1, y2, yt, c1, c2, ct, m1, m2, mt,
 
 @triton.jit
 def _cache_rows(slot, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
-                SKIP_NEG: tl.constexpr):
+                SKIP_NEG: tl.constexpr, IDX64: tl.constexpr):
     """Element offset of each (token, head) row in a paged cache, and whether it is written.
 
     Takes the loaded slots, not their pointer: Inductor's analysis of which kernel arguments
-    are written would otherwise count slot_mapping (its pointer feeds a store address)."""
-    slot = slot.to(tl.int64)
+    are written would otherwise count slot_mapping (its pointer feeds a store address).
+    The range check runs on the slots as loaded (an int64 slot past 2^31 must not wrap into
+    range); IDX64 off, the offsets of the slots that pass are then int32."""
     if not SKIP_NEG:
         # Indexing mode: a negative slot counts from the end, as cache.view(-1,H,D)[slot].
         slot = tl.where(slot < 0, slot + num_slots, slot)
     ok = rmask & (slot >= 0) & (slot < num_slots)
+    if IDX64:
+        slot = slot.to(tl.int64)
+        h = h.to(tl.int64)
+    else:
+        slot = tl.where(ok, slot, 0).to(tl.int32)
     blk = slot // block_size
     off = slot - blk * block_size
-    return blk * s_blk + off * s_slot + h.to(tl.int64) * s_head, ok
+    return blk * s_blk + off * s_slot + h * s_head, ok
 
 
 @triton.jit
@@ -105,9 +118,10 @@ def _fp8(val, scale_ptr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_MAX:
 
 
 @triton.jit
-def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr):
+def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr, IDX64: tl.constexpr):
     if HAS_POS:
-        row = tl.load(pos_ptr + t, mask=rmask, other=0).to(tl.int64)
+        row = tl.load(pos_ptr + t, mask=rmask, other=0)
+        row = row.to(tl.int64) if IDX64 else row.to(tl.int32)
         row = tl.where(row < 0, row + table_rows, row)
     else:
         row = t
@@ -296,7 +310,7 @@ def fused_qkv_kernel(
     NQB: tl.constexpr, NKB: tl.constexpr, NVB: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
-    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, INTERP: tl.constexpr,
+    EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
 ):
     # One grid axis, head tiles varying fastest: the programs resident at once then cover
     # whole token rows (contiguous memory), which kept HBM busier than a (token, head) grid:
@@ -322,7 +336,7 @@ def fused_qkv_kernel(
     # Column stride between consecutive Q heads, and where the gate of a head starts.
     Q_HSTRIDE: tl.constexpr = 2 * D if GATE == 1 else D
     if pid_h < NQB:
-        t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H)
+        t, h, rmask = _tile_rows(pid_t, pid_h * BLOCK_H, T, HQ, BLOCK_T, BLOCK_H, IDX64)
         if WRITE_G:  # the gate of the same heads: its load in flight while Q is computed
             m = rmask[:, None] & dm[None, :]
             if GATE == 1:
@@ -331,7 +345,7 @@ def fused_qkv_kernel(
                 gcol = q_col + HQ * D + h * D
             g = tl.load(q_src + (t * q_src_stride + gcol)[:, None] + d[None, :], mask=m)
         if WRITE_Q:
-            tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+            tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS, IDX64)
             y1, y2, yt = _norm_rope(q_src, t * q_src_stride + q_col + h * Q_HSTRIDE, rmask, d,
                                     j, e, q_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                     tab * sin_stride, D, R, HAS_NORM, HAS_QW, IS_NEOX,
@@ -341,13 +355,14 @@ def fused_qkv_kernel(
         if WRITE_G:
             tl.store(g_out + ((t * HQ + h) * D)[:, None] + d[None, :], g, mask=m)
     elif pid_h < NQB + NKB:
-        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
-        tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS)
+        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H,
+                                 IDX64)
+        tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS, IDX64)
         if HAS_CACHE:  # slot loads first: in flight with the activation loads
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
             if not EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
-                                       kc_head, SKIP_NEG)
+                                       kc_head, SKIP_NEG, IDX64)
         y1, y2, yt = _norm_rope(k_src, t * k_src_stride + k_col + h * D, rmask, d, j, e,
                                 k_w, eps, w_off, cos_ptr, sin_ptr, tab * cos_stride,
                                 tab * sin_stride, D, R, HAS_NORM, HAS_KW, IS_NEOX, EXPANDED,
@@ -358,26 +373,27 @@ def fused_qkv_kernel(
         if HAS_CACHE:
             if EARLY:  # the slot arithmetic after the loads: it waits for the slots
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
-                                       kc_head, SKIP_NEG)
+                                       kc_head, SKIP_NEG, IDX64)
             _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
                   _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
     else:  # V (the grid has exactly NQB + NKB + NVB head tiles)
-        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H)
+        t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H,
+                                 IDX64)
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
             if not EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
-                                       vc_head, SKIP_NEG)
+                                       vc_head, SKIP_NEG, IDX64)
         x = tl.load(v_src + (t * v_src_stride + v_col + h * D)[:, None] + d[None, :], mask=m)
         if WRITE_V:
             tl.store(v_out + ((t * HKV + h) * D)[:, None] + d[None, :], x, mask=m)
         if HAS_CACHE:
             if EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
-                                       vc_head, SKIP_NEG)
+                                       vc_head, SKIP_NEG, IDX64)
             _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
 
@@ -515,6 +531,10 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
 
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
 _FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profile_launch.py)
+# True: int32 element offsets (IDX64 off) for launches whose offsets all fit.  Off until timed
+# on a GPU: sm_90 SASS (benchmarks/sass_stats.py) has 12-30% fewer instructions with it.
+_INDEX32 = False
+_INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
 
 
@@ -524,6 +544,21 @@ def _cached_launcher() -> CachedLauncher:
     if _launcher is None or _launcher.fn is not fused_qkv_kernel:
         _launcher = CachedLauncher(fused_qkv_kernel)
     return _launcher
+
+
+def _span(x: torch.Tensor) -> int:
+    """One past the largest element offset of ``x`` from its data pointer."""
+    return 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+
+
+def _needs_int64(t: int, block_t: int, srcs, out_row: int, fixed_span: int) -> bool:
+    """Whether some element offset of a launch over ``t`` tokens may reach 2^31 / 2: the
+    sources plus the masked rows of the last token tile, outputs of ``out_row`` elements a
+    token, and the caches and tables (``fixed_span``).  The factor 2 covers the offsets of
+    masked head and column lanes, which are computed but never dereferenced."""
+    span = max(max(_span(s) + block_t * s.stride(0) for s in srcs), (t + block_t) * out_row,
+               fixed_span)
+    return span >= _INT32_SPAN
 
 
 # Where launch()'s per-step tensors sit in its positional arguments
@@ -601,6 +636,9 @@ class BoundLaunch:
             float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
             write_q, write_k, write_v, write_gate)
         self.interp = q_src.is_cpu
+        # spans of the fixed tensors the kernel indexes (for _needs_int64)
+        self.fixed_span = max(_span(x) for x in (key_cache, value_cache, cos, sin)
+                              if x is not None)
 
     def _alloc(self, t: int, poison):
         outs = []
@@ -625,8 +663,11 @@ class BoundLaunch:
         tiles = tile_plan(t, *self.shape)
         if tiles is None:
             return tuple(outs)
+        idx64 = not _INDEX32 or _needs_int64(t, tiles.block_t, (q_src, k_src, v_src),
+                                             max(self.shape[0], self.shape[1]) * self.shape[2],
+                                             self.fixed_span)
         # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
-        consts = self.consts + tuple(tiles.constexprs.values()) + (self.interp,)
+        consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
         a = self.args.copy()
         a[0], a[1], a[2] = q_src, k_src, v_src
         a[3], a[4], a[5] = q_src.stride(0), k_src.stride(0), v_src.stride(0)
@@ -645,6 +686,6 @@ class BoundLaunch:
         return tuple(outs)
 
 
-# The kernel's constexpr names in order (BoundLaunch.consts, then TilePlan's, then INTERP)
+# The kernel's constexpr names in order (BoundLaunch.consts, then TilePlan's, IDX64, INTERP)
 _CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()
                      if _is_constexpr(p))

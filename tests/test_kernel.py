@@ -178,6 +178,68 @@ def test_dynamic_tiles_prefill_takes_the_t1024_plan(shape):
         assert got.constexprs == {**want.constexprs, "EARLY": False}
 
 
+# int32 element offsets (triton_kernel._INDEX32): each case must launch with IDX64 off and
+# match the reference as with int64 ones.  Slot/position tensors of both widths, negative and
+# past-the-end slots (an int64 slot past 2^31 must be skipped, not wrapped into range).
+INDEX32_CASES = [
+    ("base", Case()),
+    ("gate_fp8_uint8", Case(gate=1, cache_dtype="uint8_e4m3")),
+    ("hnd_index_mode", Case(layout=LAYOUT_HND, skip_negative=False)),
+    ("int32_idx", Case(idx_dtype=torch.int32)),
+    ("separate_row_stride", Case(separate=True, row_pad=8)),
+    ("row_tail_tiles", Case(d=256, rotary_dim=64, T=40, hq=4, hkv=2, num_blocks=12)),
+    ("gptj_partial", Case(is_neox=False, d=128, rotary_dim=64, T=3)),
+    ("shared_base_hnd", Case(shared_base=True, layout=LAYOUT_HND)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for _, c in INDEX32_CASES], ids=[i for i, _ in INDEX32_CASES])
+def test_int32_offsets_match_reference(case, device, monkeypatch):
+    from kernels import triton_kernel
+    seen = []
+    real = triton_kernel._needs_int64
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
+    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    check_case(case, device)
+    assert seen == [False]
+
+
+def test_int64_slot_past_2_31_is_skipped_with_int32_offsets(monkeypatch):
+    """A slot of 2^32 + 1 in an int64 slot tensor is out of range: nothing is written (with
+    int32 arithmetic a truncating cast would have turned it into slot 1)."""
+    import os
+
+    from kernels import triton_kernel
+    from .cases import make_args
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU runs the kernel only under Triton's interpreter")
+    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
+    case = Case(T=3, bad_slots=False)
+    args = list(make_args(case, "cpu"))
+    args[23] = torch.tensor([2**32 + 1, 2**32 + 2, 2**32 + 3], dtype=torch.int64)
+    before = args[21].clone(), args[22].clone()
+    triton_kernel.launch(*args)
+    assert torch.equal(args[21], before[0]) and torch.equal(args[22], before[1])
+
+
+def test_needs_int64_at_the_int32_limit():
+    from kernels.triton_kernel import _INT32_SPAN, _needs_int64
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    small = torch.empty(1024, 4096, **meta)
+    assert not _needs_int64(1024, 4, (small,) * 3, 32 * 128, 1 << 20)
+    big = torch.empty(2**18, 4096, **meta)  # 2^30 elements
+    assert _needs_int64(2**18, 4, (big, small, small), 32 * 128, 1 << 20)
+    assert _needs_int64(1024, 4, (small,) * 3, 2**20, 1 << 20)  # the outputs
+    assert _needs_int64(1, 1, (small[:1],) * 3, 128, _INT32_SPAN)  # a cache
+
+
 def test_plan_constexprs_in_kernel_order():
     """BoundLaunch passes the plan's constexprs as a tuple, in the dict's order."""
     from fusion_pass import inductor_launch
