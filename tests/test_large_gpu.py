@@ -180,12 +180,20 @@ def run_big_cache(device, *, layout, cache_dtype, idx_dtype, h, d, bs, nb, T, ac
         _check_cache_rows_against_reference(sm, ref_c, ex_c, own, layout, kvs, sc, name)
 
 
+@pytest.fixture(params=[False, True], ids=["offsets_default", "index32_on"])
+def index32(request, monkeypatch):
+    """With triton_kernel._INDEX32 on, these launches must still pick int64 offsets (and the
+    tiny reference launches int32 ones): the same rows either way."""
+    from kernels import triton_kernel
+    monkeypatch.setattr(triton_kernel, "_INDEX32", request.param)
+
+
 @pytest.mark.parametrize("layout,cache_dtype,idx_dtype", [
     pytest.param(LAYOUT_NHD, "auto", torch.int64, id="nhd_bf16_i64"),
     pytest.param(LAYOUT_HND, "auto", torch.int32, id="hnd_bf16_i32"),
     pytest.param(LAYOUT_NHD, "uint8_e4m3", torch.int32, id="nhd_uint8fp8_i32"),
 ])
-def test_cache_over_2_31_elements(layout, cache_dtype, idx_dtype):
+def test_cache_over_2_31_elements(layout, cache_dtype, idx_dtype, index32):
     # H_kv=8, D=128: 1024 elements per slot; 2^21 + 1024 slots -> 2^31 + 2^20 elements
     # (4.3 GB per bf16 cache, 2.1 GB per fp8 one; two caches).
     h, d, bs = 8, 128, 16
@@ -267,6 +275,6 @@ def run_big_activation(device, *, T, hq, hkv, d, gate, n_sample=600, seed=0,
     # gated blocked (Qwen3-Next-like: offset 1, partial rotary): gate columns past 2^31.
     pytest.param(32, 4, 2, id="gated_blocked"),
 ])
-def test_activation_over_2_31_elements(hq, hkv, gate):
+def test_activation_over_2_31_elements(hq, hkv, gate, index32):
     # ~4.9 GB activation + ~4.3 GB (q) or 2 x 2.2 GB (q, gate) outputs, bf16.
     run_big_activation("cuda", T=264_000, hq=hq, hkv=hkv, d=128, gate=gate)
