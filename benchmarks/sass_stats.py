@@ -93,7 +93,10 @@ def stats(kernel) -> dict:
             if op.startswith(w):
                 fam[w] += 1
     ttgir = kernel.asm["ttgir"]
-    return dict(regs=registers(kernel.asm["cubin"]), instrs=len(ops), convert_layout=ttgir.count(
+    # 64-bit integer arithmetic in the kernel's TTIR (index math; IDX64 off leaves ~none)
+    i64 = len(re.findall(r"= arith\.(?:addi|subi|muli|divsi|remsi|extsi)\b[^\n]*i64",
+                         kernel.asm["ttir"]))
+    return dict(regs=registers(kernel.asm["cubin"]), i64_ops=i64, instrs=len(ops), convert_layout=ttgir.count(
         "ttg.convert_layout"), **fam)
 
 
@@ -113,7 +116,9 @@ def main():
         triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
     k = compile_sm90(args, consts, warps)
-    print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps}:",
+    idx64 = dict(zip(triton_kernel._CONST_NAMES, consts))["IDX64"]
+    print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} "
+          f"idx64={int(idx64)}:",
           " ".join(f"{n}={v}" for n, v in stats(k).items()))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)

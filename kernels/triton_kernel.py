@@ -49,8 +49,8 @@ def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
 def _tile_rows(pid_t, h0, T, NH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                IDX64: tl.constexpr):
     """Token and head of each tile row.  IDX64: the element offsets built from ``t`` are
-    int64; off, int32, which the host allows only when every offset fits (``_fits_int32``):
-    64-bit address arithmetic is about a fifth of the kernel's instructions."""
+    int64; off, int32, which the host allows only when every offset fits (``_needs_int64``):
+    64-bit index arithmetic is 17-34% of the kernel's sm_90 instructions."""
     r = tl.arange(0, BLOCK_T * BLOCK_H)
     if IDX64:
         t = tl.cast(pid_t, tl.int64) * BLOCK_T + r // BLOCK_H
@@ -120,9 +120,11 @@ def _fp8(val, scale_ptr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_MAX:
 @triton.jit
 def _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS: tl.constexpr, IDX64: tl.constexpr):
     if HAS_POS:
+        # a negative position counts from the table's end; valid ones lie in [-rows, rows),
+        # so (wrapped in the width loaded) they fit int32 whenever the table's offsets do
         row = tl.load(pos_ptr + t, mask=rmask, other=0)
-        row = row.to(tl.int64) if IDX64 else row.to(tl.int32)
         row = tl.where(row < 0, row + table_rows, row)
+        row = row.to(tl.int64) if IDX64 else row.to(tl.int32)
     else:
         row = t
     return row
@@ -532,7 +534,7 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
 _FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profile_launch.py)
 # True: int32 element offsets (IDX64 off) for launches whose offsets all fit.  Off until timed
-# on a GPU: sm_90 SASS (benchmarks/sass_stats.py) has 12-30% fewer instructions with it.
+# on a GPU: sm_90 SASS (benchmarks/sass_stats.py) has 17-34% fewer instructions with it.
 _INDEX32 = False
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
@@ -637,8 +639,8 @@ class BoundLaunch:
             write_q, write_k, write_v, write_gate)
         self.interp = q_src.is_cpu
         # spans of the fixed tensors the kernel indexes (for _needs_int64)
-        self.fixed_span = max(_span(x) for x in (key_cache, value_cache, cos, sin)
-                              if x is not None)
+        self._fixed = (key_cache, value_cache, cos, sin)
+        self.fixed_span = None  # their largest span, worked out at the first int32 check
 
     def _alloc(self, t: int, poison):
         outs = []
@@ -663,9 +665,13 @@ class BoundLaunch:
         tiles = tile_plan(t, *self.shape)
         if tiles is None:
             return tuple(outs)
-        idx64 = not _INDEX32 or _needs_int64(t, tiles.block_t, (q_src, k_src, v_src),
-                                             max(self.shape[0], self.shape[1]) * self.shape[2],
-                                             self.fixed_span)
+        idx64 = True
+        if _INDEX32:
+            if self.fixed_span is None:
+                self.fixed_span = max(_span(x) for x in self._fixed if x is not None)
+            idx64 = _needs_int64(t, tiles.block_t, (q_src, k_src, v_src),
+                                 max(self.shape[0], self.shape[1]) * self.shape[2],
+                                 self.fixed_span)
         # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
         consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
         a = self.args.copy()

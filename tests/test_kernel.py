@@ -190,6 +190,10 @@ INDEX32_CASES = [
     ("row_tail_tiles", Case(d=256, rotary_dim=64, T=40, hq=4, hkv=2, num_blocks=12)),
     ("gptj_partial", Case(is_neox=False, d=128, rotary_dim=64, T=3)),
     ("shared_base_hnd", Case(shared_base=True, layout=LAYOUT_HND)),
+    ("t1030_masked_rows", Case(T=1030, block_size=16, num_blocks=70)),  # BLOCK_T > 1
+    ("gathered_expanded", Case(table="gathered_expanded")),  # no positions: table row = t
+    ("gate_blocked_expanded", Case(gate=2, table="expanded")),
+    ("no_cache_separate", Case(cache=False, separate=True, row_pad=8)),
 ]
 
 
@@ -209,6 +213,31 @@ def test_int32_offsets_match_reference(case, device, monkeypatch):
     torch.manual_seed(zlib.crc32(str(case).encode()))
     check_case(case, device)
     assert seen == [False]
+
+
+def test_idx64_off_compiles_to_int32_index_math():
+    """The sm_90 compile (benchmarks/sass_stats.py, no GPU needed) of a launch with int32
+    offsets has next to no 64-bit integer arithmetic left; with int64 ones, dozens: the
+    kernel obeys IDX64 (the reference comparisons above pass either way)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    got = {}
+    for flag in ("", "--index32"):
+        p = subprocess.run([sys.executable, "benchmarks/sass_stats.py", "qwen3-8b", "64"] +
+                           ([flag] if flag else []), cwd=root, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        m = re.search(r"idx64=(\d): .*i64_ops=(\d+)", p.stdout)
+        assert m, p.stdout
+        got[flag] = int(m.group(1)), int(m.group(2))
+    (idx_on, ops_on), (idx_off, ops_off) = got[""], got["--index32"]
+    assert (idx_on, idx_off) == (1, 0)
+    assert ops_off * 4 < ops_on, got
 
 
 def test_int64_slot_past_2_31_is_skipped_with_int32_offsets(monkeypatch):

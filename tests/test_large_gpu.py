@@ -105,7 +105,7 @@ def _check_outputs(fused, eager, exact, gated, rows=None):
 # ------------------------------------------------------------- (a) cache > 2^31 elements
 
 def run_big_cache(device, *, layout, cache_dtype, idx_dtype, h, d, bs, nb, T, act=torch.bfloat16,
-                  boundary_slot=None, seed=0):
+                  boundary_slot=None, seed=0, over_2_31=True):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n = nb * bs
@@ -132,7 +132,8 @@ def run_big_cache(device, *, layout, cache_dtype, idx_dtype, h, d, bs, nb, T, ac
     shape = _cache_shape(layout, nb, bs, h, d)
     kc = _filled_cache(shape, cdt, FILL_K, device)
     vc = _filled_cache(shape, cdt, FILL_V, device)
-    assert kc.numel() > 2 ** 31 or device == "cpu", "the cache must have over 2^31 elements"
+    assert kc.numel() > 2 ** 31 or device == "cpu" or not over_2_31, \
+        "the cache must have over 2^31 elements"
     tail = (layout, True, kvs, ks, vs, True, True, True, True)
     fused = launch(*head, kc, vc, slots, *tail)
 
@@ -200,6 +201,26 @@ def test_cache_over_2_31_elements(layout, cache_dtype, idx_dtype, index32):
     nb = (2 ** 21 + 1024) // bs
     run_big_cache("cuda", layout=layout, cache_dtype=cache_dtype, idx_dtype=idx_dtype,
                   h=h, d=d, bs=bs, nb=nb, T=256)
+
+
+def test_int32_offsets_at_their_limit(monkeypatch):
+    """_INDEX32 on, a cache just under 2^30 elements, the largest an int32 launch takes: the
+    launch must pick int32 offsets, and its top rows land as they do in a tiny cache."""
+    from kernels import triton_kernel
+    seen = []
+    real = triton_kernel._needs_int64
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
+    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    h, d, bs = 8, 128, 16
+    nb = (2 ** 20 - 2048) // bs  # 2^30 - 2^21 elements a cache
+    run_big_cache("cuda", layout=LAYOUT_NHD, cache_dtype="auto", idx_dtype=torch.int64, h=h,
+                  d=d, bs=bs, nb=nb, T=256, boundary_slot=nb * bs // 2, over_2_31=False)
+    assert seen[0] is False, seen  # the big cache's launch: int32 offsets
 
 
 # ------------------------------------------------------ (b) activation with T * W > 2^31
