@@ -232,11 +232,9 @@ def main():
     ap.add_argument("--index32", action="store_true",
                     help="the op with int32 element offsets where they fit (_INDEX32)")
     args = ap.parse_args()
-    if args.index32:
-        from kernels import triton_kernel
-        triton_kernel._INDEX32 = True
+    from kernels import triton_kernel
+    triton_kernel._INDEX32 = args.index32
     if args.tile:
-        from kernels import triton_kernel
         triton_kernel.set_block_override(tuple(int(x) for x in args.tile.split(",")))
     torch.manual_seed(0)
     # Every (shape, layout, flags) is its own graph of one function: let dynamo keep them all.

@@ -34,6 +34,14 @@ def configs(block_d: int) -> list:
     return out
 
 
+def gateless(inp, kw, t, hq, d, floor, bw):
+    """The gated call without its gate output (what a compiled chain that keeps the gate as a
+    view launches) and its floor: ``floor`` less the gate's read and write."""
+    def call():
+        return bench_op.fused(*inp, **kw, opaque=False, return_gate=False)
+    return call, floor - t * hq * d * 2 * 2 / bw * 1e6
+
+
 def sweep_variants(a, bw) -> None:
     """Per shape and T: the heuristic, the op without its gate output, and every tile of
     ``configs`` with and without PAIRS (NeoX through partner loads) where there is a tail.
@@ -52,10 +60,8 @@ def sweep_variants(a, bw) -> None:
             floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
             line = f"{name:11} T={t:6}: heuristic {base:8.2f} us ({floor / base:5.1%})"
             if gated:  # the same op without its gate output: what the gate copy costs
-                nog = lambda: bench_op.fused(*inp, **kw, opaque=False,  # noqa: E731
-                                             return_gate=False)
+                nog, fl = gateless(inp, kw, t, hq, d, floor, bw)
                 us = bench_op.bench(nog, True, rep=20) * 1e3
-                fl = floor - t * hq * d * 2 * 2 / bw * 1e6
                 line += f"; no gate out {us:.2f} us ({fl / us:.1%})"
             print(line, flush=True)
             if a.no_gate:  # sweep the gate-less call against its own floor
@@ -86,9 +92,7 @@ def time_tiles(a, bw) -> None:
             floor = bench_op.floor_bytes(t, hq, hkv, d, r, gated, cbytes) / bw * 1e6
             calls = [("", lambda: bench_op.fused(*inp, **kw, opaque=False), floor)]
             if gated:
-                calls.append(("no gate out ", lambda: bench_op.fused(
-                    *inp, **kw, opaque=False, return_gate=False),
-                    floor - t * hq * d * 2 * 2 / bw * 1e6))
+                calls.append(("no gate out ", *gateless(inp, kw, t, hq, d, floor, bw)))
             for label, call, fl in calls:
                 cells = []
                 for tile in [None] + tiles:

@@ -400,7 +400,8 @@ def fused_qkv_kernel(
                                                   FP8_MAX), INTERP)
 
 
-_BLOCK_OVERRIDE = None  # (BLOCK_T, BLOCK_H, num_warps[, pairs[, early]]) forced by tuning
+# (BLOCK_T, BLOCK_H, num_warps[, pairs[, early[, row_tail]]]) forced by tuning
+_BLOCK_OVERRIDE = None
 
 
 def set_block_override(cfg) -> None:
@@ -437,9 +438,8 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
     (ROW_TAIL): from T=1024 one token of up to 1024 elements a program on one warp, as many
     heads as the Q heads allow even if K/V tiles then have idle rows (Qwen3-Next, 4 heads of
     2 KV heads, T=65536: 557 against 572 us for 4 tokens of 2 heads on 4 warps; gate-less
-    350 / 381 us);
-    below, the small-T tiles (at T=256 the 1024-element tile took 3.85 us, the split tiles
-    3.55, gated).
+    350 / 381 us); below, the small-T tiles (at T=256 the 1024-element tile took 3.85 us, the
+    split tiles 3.55, gated).
     """
     block_d = _pow2(head_dim)
     if row_tail and num_tokens >= _T_LARGE:  # (K/V tiles may have more heads than there are)

@@ -58,6 +58,22 @@ def _bits(cache: torch.Tensor, layout: int) -> torch.Tensor:
     return x if layout == LAYOUT_NHD else x.transpose(1, 2)
 
 
+def index32_choices(monkeypatch) -> list:
+    """Turn int32 offsets on (``triton_kernel._INDEX32``) and record, launch by launch, what
+    ``_needs_int64`` decided (False: the launch ran int32 offsets)."""
+    from kernels import triton_kernel
+    seen = []
+    real = triton_kernel._needs_int64
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
+    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    return seen
+
+
 def check_case(case: Case, device: str = "cpu") -> None:
     args = make_args(case, device)
     has_cache = case.cache

@@ -8,7 +8,7 @@ from kernels.op_schema import LAYOUT_HND, LAYOUT_NHD
 
 from .cases import Case
 from .conftest import DEVICES
-from .kernel_check import check_case
+from .kernel_check import check_case, index32_choices
 
 # Each entry: (id, Case).  Small shapes; T=1, odd T, GQA and MHA, D = 64/80/128/256.
 CASES = [
@@ -200,16 +200,7 @@ INDEX32_CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c for _, c in INDEX32_CASES], ids=[i for i, _ in INDEX32_CASES])
 def test_int32_offsets_match_reference(case, device, monkeypatch):
-    from kernels import triton_kernel
-    seen = []
-    real = triton_kernel._needs_int64
-
-    def spy(*a):
-        seen.append(real(*a))
-        return seen[-1]
-
-    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
-    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    seen = index32_choices(monkeypatch)
     torch.manual_seed(zlib.crc32(str(case).encode()))
     check_case(case, device)
     assert seen == [False]

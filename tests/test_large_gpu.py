@@ -25,7 +25,7 @@ from kernels.op_schema import LAYOUT_HND, LAYOUT_NHD, fp8_dtype_of
 from kernels.triton_kernel import launch
 
 from .cases import Case, make_args
-from .kernel_check import NAMES, _float64_args
+from .kernel_check import NAMES, _float64_args, index32_choices
 from .numerics import assert_spec_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -206,16 +206,7 @@ def test_cache_over_2_31_elements(layout, cache_dtype, idx_dtype, index32):
 def test_int32_offsets_at_their_limit(monkeypatch):
     """_INDEX32 on, a cache just under 2^30 elements, the largest an int32 launch takes: the
     launch must pick int32 offsets, and its top rows land as they do in a tiny cache."""
-    from kernels import triton_kernel
-    seen = []
-    real = triton_kernel._needs_int64
-
-    def spy(*a):
-        seen.append(real(*a))
-        return seen[-1]
-
-    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
-    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    seen = index32_choices(monkeypatch)
     h, d, bs = 8, 128, 16
     nb = (2 ** 20 - 2048) // bs  # 2^30 - 2^21 elements a cache
     run_big_cache("cuda", layout=LAYOUT_NHD, cache_dtype="auto", idx_dtype=torch.int64, h=h,
