@@ -75,6 +75,9 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     "view_dyn_cache": (dict(), False),
     "hnd_dyn_cache": (dict(cache="hnd"), False),
     "view_dyn_cache_dyn_t": (dict(), True),
+    # a dynamic T past the large-T switch (lowered to 4 tokens, SWITCH_OVERRIDE): the
+    # kernel's other branch (8 tokens a program at this shape) and the grid's step
+    "view_dyn_switch": (dict(S=9), True),  # T = 18: 3 tiles of 8 tokens, the last partial
     # FusionOptions(dynamic_tiles="prefill") on a dynamic T with a 192-wide tail: the T=1024
     # tiles (one token of four heads, the whole-row tail), not the decode ones (FORM_CHECKS)
     "gated_dyn_prefill": (dict(split="gated_interleaved", rotary=0.25, d=256, hq=4, hkv=1,
@@ -83,13 +86,15 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
 FORM_OPTIONS = {"gated_dyn_prefill": dict(dynamic_tiles="prefill")}  # more FusionOptions
 # a substring every launch description (inductor_launch.describe) of the form must hold
 FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,ROW_TAIL=1",
-               "view_dyn": "EARLY=0"}
+               "view_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=1024: BLOCK_T=8,EARLY=0,IDX64=1",
+               "view_dyn_switch": "from T>=4: BLOCK_T="}
+SWITCH_OVERRIDE = {"view_dyn_switch": 4}  # inductor_launch.SWITCH_T for the form
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
 # the tail); --forms all for every form.
-CUDA_FORMS = ["view", "view_dyn", "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256",
+CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256",
               "no_cache_dyn", "big_t_static", "view_dyn_block_t2", "hf_static", "hnd",
               "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80", "view_dyn_cache"]
 LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")
@@ -159,17 +164,19 @@ def assert_launch_used(rep, name=None):
 
 @contextlib.contextmanager
 def block_override(name):
+    """The form's BLOCK_OVERRIDE tiles and SWITCH_OVERRIDE switch, while it compiles."""
+    from fusion_pass import inductor_launch
     from kernels import triton_kernel
 
-    cfg = BLOCK_OVERRIDE.get(name)
-    if cfg is None:
-        yield
-        return
-    triton_kernel.set_block_override(cfg)
+    cfg, switch = BLOCK_OVERRIDE.get(name), inductor_launch.SWITCH_T
+    if cfg is not None:
+        triton_kernel.set_block_override(cfg)
+    inductor_launch.SWITCH_T = SWITCH_OVERRIDE.get(name, switch)
     try:
         yield
     finally:
         triton_kernel.set_block_override(None)
+        inductor_launch.SWITCH_T = switch
 
 
 def build_case(name, device):

@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -112,8 +112,14 @@ def fused_qkv_inductor_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
+    SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr,
 ):
-    """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset)."""
+    """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset).
+
+    ``SWITCH_T`` > 0 (a dynamic T): from ``T >= SWITCH_T`` on, each program takes
+    ``BIG_BLOCK_T`` tokens, with late loads and int64 offsets (the grid shrinks to match,
+    see ``_grid_x``); below, the given tiles.  One uniform branch, so one graph runs the
+    small-T tiles for decode and the large-T ones for long prefills."""
     k_cache = k_base + k_off
     if V_IN_K_BASE:  # K and V halves of one tensor: one mutated argument
         v_cache = k_base + v_off
@@ -125,6 +131,28 @@ def fused_qkv_inductor_kernel(
     elif CACHE_FP8 == 2:  # uint8 storage holding float8_e5m2
         k_cache = k_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
         v_cache = v_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
+    if SWITCH_T > 0:
+        if T >= SWITCH_T:  # the same call as below but for its three tile constexprs
+            fused_qkv_kernel(
+                q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
+                k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
+                k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+                cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
+                sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows,
+                q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
+                k_cache=k_cache, v_cache=v_cache, slot_ptr=slot_ptr, block_size=block_size,
+                num_slots=num_slots, kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head,
+                vc_blk=vc_blk, vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale,
+                v_scale=v_scale, T=T, HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE,
+                HAS_NORM=HAS_NORM, HAS_QW=HAS_QW, HAS_KW=HAS_KW, IS_NEOX=IS_NEOX,
+                EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG,
+                IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
+                WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
+                NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H,
+                BLOCK_D=BLOCK_D, BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS,
+                EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP,
+            )
+            return
     fused_qkv_kernel(
         q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
         k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col, k_col=k_col,
@@ -187,41 +215,62 @@ def supported(device: torch.device) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------- what to launch, statically
 
+# Where a dynamic-T launch ("auto") switches to its large-T tiles: launch()'s own switch.
+# The CPU checks lower it to run the large-T branch at a few tokens (it is no pass option).
+SWITCH_T = _tk._T_LARGE
+
+
+class Plan(NamedTuple):
+    """What the Inductor launch runs: ``tiles`` (below ``switch_t``, or for every T), and
+    from ``switch_t`` > 0 on (a dynamic T only) ``big_block_t`` tokens a program with the
+    same head tiles and warps, late loads and int64 offsets.  ``idx64``: the element offsets
+    of ``tiles`` are int64 (set by ``_build`` from the tensors' spans, see ``_index64``)."""
+    tiles: _tk.TilePlan
+    switch_t: int = 0
+    big_block_t: int = 1
+    idx64: bool = True
+
+
 def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
-         run_v: bool, write_gate: bool, dynamic_tiles: str = "decode",
-         is_neox: bool = True) -> _tk.TilePlan:
+         run_v: bool, write_gate: bool, dynamic_tiles: str = "auto",
+         is_neox: bool = True) -> Plan:
     """The kernel's tiles for ``T`` tokens (an int, or a SymInt when T is dynamic).
 
-    Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T: the choice for
-    T = 32 (BLOCK_T = 1, T x head-tiles programs; a whole-row tail tile when the unrotated
-    tail is not a power of two, which costs ~0.07 us against partner loads at T = 16 but is
-    far ahead of them at large T), fixed at compile time: right for decode and small batches,
-    but slower than launch()'s large-T tiles on long prefills.  (Triton autotuning would not
-    fix that: Inductor benchmarks a user kernel's configs once, at the first call, and keeps
-    the winner for every later T.)  ``dynamic_tiles="prefill"`` (``FusionOptions``) takes
-    the choice for T = 1024 instead.  Dynamic T also keeps the loads after the norm (EARLY
-    off): the early loads gain ~0.1 us at small T but cost up to 14% at large T."""
+    Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T, ``"auto"``: the
+    choice for T = 32 (one token a program, T x head-tiles programs; a whole-row tail tile
+    when the unrotated tail is not a power of two) below T = 1024, and from there the same
+    head tiles with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
+    H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
+    against 1.83 us at T = 1 if used there).  ``"decode"``: the T = 32 tiles for every T,
+    ``"prefill"``: the T = 1024 ones for every T, both with late loads (EARLY off: early loads
+    gain ~0.1 us at small T but cost up to 14% at large T).  (Triton autotuning would not do
+    this: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
+    winner for every later T.)"""
     static_t = isinstance(T, int)
     if static_t and T == 0:
         raise Unsupported("T == 0: nothing to launch")
-    dyn_t = _tk._T_LARGE if dynamic_tiles == "prefill" else _tk._T_SMALL
-    tiles = _tk.tile_plan(T if static_t else dyn_t, hq, hkv, d, rotary_dim, write_q, run_k, run_v,
-                          write_gate, is_neox)
+    at = T if static_t else _tk._T_LARGE if dynamic_tiles == "prefill" else _tk._T_SMALL
+    tiles = _tk.tile_plan(at, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
+                          is_neox)
     if tiles is None:
         raise Unsupported("the op writes nothing")
-    if not static_t:
-        tiles = tiles._replace(constexprs={**tiles.constexprs, "EARLY": False})
-    return tiles
+    if static_t:
+        return Plan(tiles)
+    if dynamic_tiles != "auto":
+        return Plan(tiles._replace(constexprs={**tiles.constexprs, "EARLY": False}))
+    row = tiles.constexprs["BLOCK_H"] * tiles.constexprs["BLOCK_D"]
+    big = max(1, 16 * 32 * tiles.num_warps // row) if tiles.block_t == 1 else 1
+    return Plan(tiles, SWITCH_T if big > 1 else 0, big)
 
 
 def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,
                   cache_fp8: int, fp8: Optional[torch.dtype], has_cache: bool, geom: dict,
-                  scalars: dict, constexprs: dict, dummy, interp: bool = False) -> dict:
+                  scalars: dict, launch: Plan, dummy, interp: bool = False) -> dict:
     """Every argument of ``fused_qkv_inductor_kernel`` by name (values: graph nodes or ints).
 
     ``a``: the op's arguments by schema name; ``outs``: q_out/k_out/v_out/g_out (None: not
     written); ``geom``: block_size, num_slots, kc_*/vc_*; ``scalars``: the row strides and
-    table_rows; ``dummy``: a read-only tensor for pointers that are never dereferenced (their
+    table_rows; ``launch``: tiles, switch and offset width (``plan``); ``dummy``: a read-only tensor for pointers that are never dereferenced (their
     constexpr flag is off, so the kernel has no load or store through them)."""
     def opt(x):
         return dummy if x is None else x
@@ -252,10 +301,11 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         FP8_MAX=float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
         WRITE_Q=outs["q_out"] is not None, WRITE_K=outs["k_out"] is not None,
         WRITE_V=outs["v_out"] is not None, WRITE_G=outs["g_out"] is not None,
-        **constexprs,
-        IDX64=True,  # T is symbolic or the caches may be: the offsets stay int64
+        **launch.tiles.constexprs,
+        IDX64=launch.idx64,
         INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
         V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
+        SWITCH_T=launch.switch_t, BIG_BLOCK_T=launch.big_block_t,
     )
     assert list(kw) == list(fused_qkv_inductor_kernel.arg_names), "kwargs out of sync"
     return kw
@@ -324,7 +374,7 @@ def _op_args(op, args: tuple) -> dict:
 
 
 def call_fused_with_cache(b, op, args: tuple, kc: dict, vc: dict,
-                         dynamic_tiles: str = "decode") -> tuple:
+                         dynamic_tiles: str = "auto") -> tuple:
     """Drop-in for ``rewrite.call_fused_with_cache`` (``kc``/``vc``: base, size, stride,
     offset, alias): returns ``(hop_node, outs[4], {id(base): new_base_node})``.
     ``dynamic_tiles``: see :func:`plan`.
@@ -333,7 +383,7 @@ def call_fused_with_cache(b, op, args: tuple, kc: dict, vc: dict,
     return _build(b, _op_args(op, args), kc, vc, dynamic_tiles)
 
 
-def call_fused(b, op, args: tuple, dynamic_tiles: str = "decode") -> tuple:
+def call_fused(b, op, args: tuple, dynamic_tiles: str = "auto") -> tuple:
     """Drop-in for ``rewrite.call_fused`` (no cache): returns ``(hop_node, outs[4])``.
 
     Raises :class:`Unsupported` (graph untouched) when this path cannot be used."""
@@ -357,10 +407,11 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
     T = qv.shape[0]
     hq, hkv, d = a["num_q_heads"], a["num_kv_heads"], a["head_dim"]
     write_gate = bool(a["write_gate"]) and a["gate_layout"] != GATE_NONE
-    tiles = plan(T, hq=hq, hkv=hkv, d=d, rotary_dim=a["rotary_dim"], write_q=a["write_q"],
-                 run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
-                 write_gate=write_gate, dynamic_tiles=dynamic_tiles,
-                 is_neox=bool(a["is_neox"]))
+    launch = plan(T, hq=hq, hkv=hkv, d=d, rotary_dim=a["rotary_dim"], write_q=a["write_q"],
+                  run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
+                  write_gate=write_gate, dynamic_tiles=dynamic_tiles,
+                  is_neox=bool(a["is_neox"]))
+    launch = launch._replace(idx64=_index64(a, kc, vc, T, launch))
 
     # --- everything static is checked before the first node goes in -----------------------
     cache_fp8, fp8, k_off, v_off = 0, None, 0, 0
@@ -392,7 +443,7 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
 
     before = set(b.graph.nodes)
     try:
-        return _insert(b, a, kc, vc, tiles, T=T, write_gate=write_gate, fp8=fp8,
+        return _insert(b, a, kc, vc, launch, T=T, write_gate=write_gate, fp8=fp8,
                        cache_fp8=cache_fp8, k_off=k_off, v_off=v_off,
                        hop=triton_kernel_wrapper_functional, side_table=kernel_side_table)
     except Exception:
@@ -404,9 +455,61 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
         raise
 
 
-def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off, hop,
+def _index64(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -> bool:
+    """Whether ``launch.tiles`` run with int64 element offsets: as ``launch()`` decides
+    (``triton_kernel._needs_int64``), for a dynamic T over the T below ``switch_t`` (the
+    branch those tiles run; the other is int64).  Symbolic strides, cache or table sizes, and
+    a dynamic T without a switch: int64."""
+    if not _tk._INDEX32 or (not isinstance(T, int) and not launch.switch_t):
+        return True
+    t_max = T if isinstance(T, int) else launch.switch_t - 1
+
+    def dims(x, rows=None):
+        v = tensor_val(x)
+        out = list(zip(v.shape, v.stride()))
+        if rows is not None:
+            out[0] = (rows, out[0][1])
+        return out if all(isinstance(n, int) for dim in out for n in dim) else None
+
+    srcs = [dims(a[n], t_max) for n in ("q_src", "k_src", "v_src")]
+    fixed = [dims(x) for x in ([kc["base"], vc["base"]] if kc is not None else []) +
+             [a["cos"], a["sin"]]]
+    if any(x is None for x in srcs + fixed):
+        return True
+    return _tk.needs_int64_spans(
+        t_max, launch.tiles.block_t, [(_tk.span_of(x), x[0][1]) for x in srcs],
+        max(a["num_q_heads"], a["num_kv_heads"]) * a["head_dim"],
+        max(_tk.span_of(x) for x in fixed))
+
+
+def _grid_x(b, t_arg, launch: Plan):
+    """Token tiles of the grid: cdiv(T, block_t); with a switch, cdiv(T, big_block_t) from
+    ``T >= switch_t`` on.  The step is ``(2T) // (T + switch_t)`` (0 below, 1 from there:
+    2T < T + S iff T < S, and 2T < 2(T + S) always), so the grid stays one integer
+    expression of T that Inductor's wrapper evaluates per call."""
+    bt = launch.tiles.block_t
+    if isinstance(t_arg, int):
+        if launch.switch_t and t_arg >= launch.switch_t:
+            bt = launch.big_block_t
+        return triton.cdiv(t_arg, bt)
+
+    def op(f, x, y):
+        return b.call(f, (x, y))
+
+    gx = t_arg if bt == 1 else op(operator.floordiv, op(operator.add, t_arg, bt - 1), bt)
+    if launch.switch_t:
+        big = launch.big_block_t
+        step = op(operator.floordiv, op(operator.mul, t_arg, 2),
+                  op(operator.add, t_arg, launch.switch_t))
+        fewer = op(operator.sub, gx, op(operator.floordiv, op(operator.add, t_arg, big - 1), big))
+        gx = op(operator.sub, gx, op(operator.mul, step, fewer))
+    return gx
+
+
+def _insert(b, a, kc, vc, launch, *, T, write_gate, fp8, cache_fp8, k_off, v_off, hop,
             side_table) -> tuple:
     """Insert the outputs, the HOP node and its getitems; see ``_build``."""
+    tiles = launch.tiles
     qv = tensor_val(a["q_src"])
     hq, hkv, d = a["num_q_heads"], a["num_kv_heads"], a["head_dim"]
     has_cache = kc is not None
@@ -450,16 +553,12 @@ def _insert(b, a, kc, vc, tiles, *, T, write_gate, fp8, cache_fp8, k_off, v_off,
     kw = kernel_kwargs(a, T=t_arg, outs=outs, k_base=k_base, v_base=v_base, k_off=k_off,
                        v_off=v_off, v_in_k_base=same, cache_fp8=cache_fp8, fp8=fp8,
                        has_cache=has_cache, geom=geom, scalars=scalars,
-                       constexprs=tiles.constexprs, dummy=dummy,
+                       launch=launch, dummy=dummy,
                        interp=qv.device.type == "cpu")
     if CHECK_WRITES:
         _check_writes(kw, set(to_clone), tiles.num_warps)
-    bt = tiles.block_t
-    gx = t_arg if bt == 1 else (
-        triton.cdiv(t_arg, bt) if isinstance(t_arg, int) else
-        b.call(operator.floordiv, (b.call(operator.add, (t_arg, bt - 1)), bt)))
     # one grid axis, head tiles fastest (see fused_qkv_kernel)
-    grid = (syms.mul(gx, tiles.head_tiles), 1, 1)
+    grid = (syms.mul(_grid_x(b, t_arg, launch), tiles.head_tiles), 1, 1)
     node = b.call(hop, (), dict(kernel_idx=_kernel_idx(tiles.num_warps),
                                 constant_args_idx=side_table.add_constant_args({}),
                                 grid=[grid], tma_descriptor_metadata={},
@@ -523,7 +622,9 @@ def describe(node: Node) -> str:
     nw = k.configs[0].num_warps if hasattr(k, "configs") else "?"
     kw = node.kwargs["kwargs"]
     tile = ",".join(f"{n}={int(kw[n])}" for n in ("BLOCK_T", "BLOCK_H", "PAIRS", "EARLY",
-                                                   "ROW_TAIL"))
+                                                   "ROW_TAIL", "IDX64"))
+    if kw["SWITCH_T"]:
+        tile += f" from T>={kw['SWITCH_T']}: BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=1"
     return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
             f"tile={tile} mutates={list(node.kwargs['tensors_to_clone'])}")
 

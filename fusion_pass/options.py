@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-DYNAMIC_TILES = ("decode", "prefill")
+DYNAMIC_TILES = ("auto", "decode", "prefill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,18 +20,20 @@ class FusionOptions:
             that path cannot be used, and with ``False``, the pass inserts the custom op
             (``torch.ops.fused_qkv.*``) instead.  The report's ``op`` says which was used.
         dynamic_tiles: the kernel's tiles where the token count is dynamic and Inductor
-            launches the kernel (they are fixed at compile time, one choice for every T):
-            ``"decode"`` (default) those for small batches, one token a program, the fastest
-            at T <= 64; ``"prefill"`` those for T >= 1024, for graphs that mostly run long
-            prompts (on an H200, Qwen3-Next's compiled chain at T = 65536: 340 against 400 us,
-            but 2.14 against 1.91 us at T = 1).  Static T always gets the tiles for its T.
+            launches the kernel (compiled once for every T): ``"auto"`` (default) one token
+            a program below T = 1024 and two from there (a uniform branch in the kernel; the
+            grid follows T), ``"decode"`` the small-T tiles for every T, ``"prefill"`` the
+            T >= 1024 tiles for every T.  On an H200, Qwen3-Next's compiled chain at
+            T = 65536 takes ~400 us with "decode", ~355 with "auto", ~340 with "prefill",
+            which costs 2.14 against 1.91 us at T = 1.  Static T always gets the tiles for
+            its T.
     """
 
     allow_cpu: bool = False
     fuse_cache: bool = True
     fuse_norm: bool = True
     inductor_launch: bool = True
-    dynamic_tiles: str = "decode"
+    dynamic_tiles: str = "auto"
 
     def __post_init__(self):
         if self.dynamic_tiles not in DYNAMIC_TILES:

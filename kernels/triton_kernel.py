@@ -533,9 +533,10 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
 
 _EMPTY: dict = {}  # (device, dtype) -> the shared 0-element output of launch(share_empty=True)
 _FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profile_launch.py)
-# True: int32 element offsets (IDX64 off) for launches whose offsets all fit.  Off until timed
-# on a GPU: sm_90 SASS (benchmarks/sass_stats.py) has 17-34% fewer instructions with it.
-_INDEX32 = False
+# True: int32 element offsets (IDX64 off) for launches whose offsets all fit: 17-34% fewer
+# sm_90 instructions (benchmarks/sass_stats.py); on an H200 -0.14..-0.25 us at T <= 64
+# (GLM-4.5 T=64: 2.18 against 2.43 us) and up to -1.3% at T = 65536.
+_INDEX32 = True
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
 
@@ -550,7 +551,12 @@ def _cached_launcher() -> CachedLauncher:
 
 def _span(x: torch.Tensor) -> int:
     """One past the largest element offset of ``x`` from its data pointer."""
-    return 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+    return span_of(zip(x.shape, x.stride()))
+
+
+def span_of(dims) -> int:
+    """``_span`` of (size, stride) pairs."""
+    return 1 + sum((n - 1) * s for n, s in dims)
 
 
 def _needs_int64(t: int, block_t: int, srcs, out_row: int, fixed_span: int) -> bool:
@@ -558,8 +564,13 @@ def _needs_int64(t: int, block_t: int, srcs, out_row: int, fixed_span: int) -> b
     sources plus the masked rows of the last token tile, outputs of ``out_row`` elements a
     token, and the caches and tables (``fixed_span``).  The factor 2 covers the offsets of
     masked head and column lanes, which are computed but never dereferenced."""
-    span = max(max(_span(s) + block_t * s.stride(0) for s in srcs), (t + block_t) * out_row,
-               fixed_span)
+    return needs_int64_spans(t, block_t, [(_span(s), s.stride(0)) for s in srcs], out_row,
+                             fixed_span)
+
+
+def needs_int64_spans(t: int, block_t: int, srcs, out_row: int, fixed_span: int) -> bool:
+    """``_needs_int64`` with each source given as (span, row stride)."""
+    span = max(max(sp + block_t * st for sp, st in srcs), (t + block_t) * out_row, fixed_span)
     return span >= _INT32_SPAN
 
 

@@ -58,9 +58,9 @@ def _bits(cache: torch.Tensor, layout: int) -> torch.Tensor:
     return x if layout == LAYOUT_NHD else x.transpose(1, 2)
 
 
-def index32_choices(monkeypatch) -> list:
-    """Turn int32 offsets on (``triton_kernel._INDEX32``) and record, launch by launch, what
-    ``_needs_int64`` decided (False: the launch ran int32 offsets)."""
+def index32_choices(monkeypatch, on: bool = True) -> list:
+    """Turn int32 offsets on or off (``triton_kernel._INDEX32``) and record, launch by launch,
+    what ``_needs_int64`` decided (False: the launch ran int32 offsets; off: no decision)."""
     from kernels import triton_kernel
     seen = []
     real = triton_kernel._needs_int64
@@ -69,7 +69,7 @@ def index32_choices(monkeypatch) -> list:
         seen.append(real(*a))
         return seen[-1]
 
-    monkeypatch.setattr(triton_kernel, "_INDEX32", True)
+    monkeypatch.setattr(triton_kernel, "_INDEX32", on)
     monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
     return seen
 

@@ -49,7 +49,7 @@ CASES = [
     ("fp8_no_scale", Case(cache_dtype="fp8_e4m3", scales=False)),
     ("uint8_e4m3", Case(cache_dtype="uint8_e4m3")),
     ("uint8_e5m2_hnd", Case(cache_dtype="uint8_e5m2", layout=LAYOUT_HND)),
-    ("index_mode", Case(skip_negative=False)),
+    ("index_mode", Case(skip_negative=False, unique_slots=True)),
     ("int32_idx", Case(idx_dtype=torch.int32)),
     ("no_cache", Case(cache=False)),
     ("no_cache_gated", Case(cache=False, gate=1)),
@@ -155,14 +155,18 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     kw = dict(hq=16, hkv=2, d=256, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
     dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
+    assert (dyn.switch_t, dyn.big_block_t) == (1024, 2)
+    dyn = dyn.tiles
     assert dyn.constexprs["ROW_TAIL"] and not dyn.constexprs["PAIRS"] and dyn.block_t == 1
 
 
 @pytest.mark.parametrize("shape", [(16, 2, 256, 64), (32, 8, 128, 128), (96, 8, 128, 64)],
                          ids=["qwen3_next", "qwen3_8b", "glm45"])
-def test_dynamic_tiles_prefill_takes_the_t1024_plan(shape):
+def test_dynamic_tiles_modes_take_their_plans(shape):
     """FusionOptions.dynamic_tiles: a dynamic T gets the T=32 plan ("decode") or the T=1024
-    one ("prefill"), always with the late loads (EARLY off)."""
+    one ("prefill"), both with the late loads (EARLY off) and no switch; "auto" the T=32 plan
+    below T=1024 and from there the same head tiles and warps with 2 tokens a program (16
+    elements a thread): the T=1024 plan itself for the dense shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from fusion_pass import inductor_launch
@@ -173,18 +177,28 @@ def test_dynamic_tiles_prefill_takes_the_t1024_plan(shape):
     t = ShapeEnv().create_unbacked_symint()
     for mode, at in (("decode", 32), ("prefill", 1024)):
         got = inductor_launch.plan(t, **kw, dynamic_tiles=mode)
+        assert got.switch_t == 0 and got.idx64
+        got = got.tiles
         want = tile_plan(at, hq, hkv, d, r, True, True, True, False)
         assert got._replace(constexprs=None) == want._replace(constexprs=None)
         assert got.constexprs == {**want.constexprs, "EARLY": False}
+    auto = inductor_launch.plan(t, **kw)
+    assert auto.tiles == tile_plan(32, hq, hkv, d, r, True, True, True, False)
+    assert (auto.switch_t, auto.big_block_t) == (1024, 2)
+    if d == 128:  # dense shapes: the big branch is exactly the T=1024 plan
+        big = tile_plan(1024, hq, hkv, d, r, True, True, True, False)
+        assert (big.block_t, big.head_tiles, big.num_warps) == \
+            (2, auto.tiles.head_tiles, auto.tiles.num_warps)
 
 
-# int32 element offsets (triton_kernel._INDEX32): each case must launch with IDX64 off and
-# match the reference as with int64 ones.  Slot/position tensors of both widths, negative and
+# Element offsets of both widths (triton_kernel._INDEX32, on by default): with it on each case
+# must launch with IDX64 off; with it off (int64, what launches too large for int32 run) with
+# IDX64 on; both must match the reference.  Slot/position tensors of both widths, negative and
 # past-the-end slots (an int64 slot past 2^31 must be skipped, not wrapped into range).
 INDEX32_CASES = [
     ("base", Case()),
     ("gate_fp8_uint8", Case(gate=1, cache_dtype="uint8_e4m3")),
-    ("hnd_index_mode", Case(layout=LAYOUT_HND, skip_negative=False)),
+    ("hnd_index_mode", Case(layout=LAYOUT_HND, skip_negative=False, unique_slots=True)),
     ("int32_idx", Case(idx_dtype=torch.int32)),
     ("separate_row_stride", Case(separate=True, row_pad=8)),
     ("row_tail_tiles", Case(d=256, rotary_dim=64, T=40, hq=4, hkv=2, num_blocks=12)),
@@ -204,6 +218,16 @@ def test_int32_offsets_match_reference(case, device, monkeypatch):
     torch.manual_seed(zlib.crc32(str(case).encode()))
     check_case(case, device)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for i, c in INDEX32_CASES if c.T < 1024],
+                         ids=[i for i, c in INDEX32_CASES if c.T < 1024])
+def test_int64_offsets_match_reference(case, device, monkeypatch):
+    seen = index32_choices(monkeypatch, on=False)
+    torch.manual_seed(zlib.crc32(str(case).encode()) + 1)
+    check_case(case, device)
+    assert seen == []  # never asked: every launch kept int64 offsets
 
 
 def test_idx64_off_compiles_to_int32_index_math():
@@ -271,7 +295,7 @@ def test_plan_constexprs_in_kernel_order():
     assert list(tile_plan(5, 8, 2, 64, 64, True, True, True, True).constexprs) == list(_TILE_CONSTS)
     kw = dict(hq=8, hkv=2, d=64, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
-    assert list(inductor_launch.plan(5, **kw).constexprs) == list(_TILE_CONSTS)
+    assert list(inductor_launch.plan(5, **kw).tiles.constexprs) == list(_TILE_CONSTS)
 
 
 def test_bound_launch_constexpr_values_by_name():
@@ -310,9 +334,12 @@ def test_early_loads_only_for_static_small_t():
     assert not early(256) and not early(65536)
     kw = dict(hq=96, hkv=8, d=128, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
-    assert inductor_launch.plan(64, **kw).constexprs["EARLY"]
-    dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
-    assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # dynamic T: small-T tiles, late loads
+    assert inductor_launch.plan(64, **kw).tiles.constexprs["EARLY"]
+    t = ShapeEnv().create_unbacked_symint()
+    dyn = inductor_launch.plan(t, **kw, dynamic_tiles="decode").tiles
+    assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # small-T tiles, late loads
+    # "auto": early loads below T=1024 (the large-T branch has them off, in the trampoline)
+    assert inductor_launch.plan(t, **kw).tiles.constexprs["EARLY"]
 
 
 def test_mid_t_tiles_for_many_head_models():

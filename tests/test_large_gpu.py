@@ -181,7 +181,7 @@ def run_big_cache(device, *, layout, cache_dtype, idx_dtype, h, d, bs, nb, T, ac
         _check_cache_rows_against_reference(sm, ref_c, ex_c, own, layout, kvs, sc, name)
 
 
-@pytest.fixture(params=[False, True], ids=["offsets_default", "index32_on"])
+@pytest.fixture(params=[False, True], ids=["index32_off", "index32_on"])
 def index32(request, monkeypatch):
     """With triton_kernel._INDEX32 on, these launches must still pick int64 offsets (and the
     tiny reference launches int32 ones): the same rows either way."""

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import fusion_pass
 
@@ -39,6 +40,45 @@ def test_pass_fuses_on_cuda(kw):
 
 def test_pass_dynamic_tokens_on_cuda():
     check_fused(Form(device="cuda"), dynamic=True)
+
+
+def test_dynamic_tokens_across_the_tile_switch_on_cuda():
+    """One dynamic-T graph (``dynamic_tiles="auto"``) run at T = 40, 1100 and 1023: the kernel's
+    small-T branch, its large-T one (2 tokens a program; the last tile partial) and the grid's
+    step at T = 1024, each against eager, with no recompile in between."""
+    import re
+
+    from .model_forms import clone_args, resize_caches
+    from .pass_check import RecordingPass, assert_numerics
+
+    form = Form(device="cuda", d=128, hq=8, hkv=2)
+    fn, args0 = build(form)
+    args0 = resize_caches(args0, 300)  # 1200 slots
+    g = torch.Generator().manual_seed(3)
+    fpass = RecordingPass(allow_cpu=True)
+    torch._dynamo.reset()
+    compiled = None
+    with torch._inductor.config.patch(post_grad_custom_post_pass=fpass, fx_graph_cache=False):
+        for t in (40, 1100, 1023):
+            args = list(args0)
+            args[0] = torch.randn(1, t, args0[0].shape[-1], generator=g).to(args0[0])
+            args[4] = torch.randint(0, 64, (1, t), generator=g).cuda()
+            args[5] = torch.randperm(1200, generator=g)[:t].cuda()
+            if compiled is None:
+                torch._dynamo.mark_dynamic(args[0], 1)
+                torch._dynamo.mark_dynamic(args[4], 1)
+                torch._dynamo.mark_dynamic(args[5], 0)
+                compiled = torch.compile(fn)
+                before = clone_args(args)
+                out, codes = run_and_get_code(compiled, *args)
+                code = "\n".join(codes)
+                assert re.search(r"//\s*\(1024 \+ ", code), "no tile switch in the grid"
+            else:
+                before = clone_args(args)
+                out = compiled(*args)
+            assert_numerics(fn, args, out, before)
+    assert len(fpass.graphs) == 1, "recompiled"
+    assert {c.op for c in fpass.report.fused} == {INDUCTOR_LAUNCH}, str(fpass.report)
 
 
 def test_no_cache_on_cuda():
