@@ -229,11 +229,13 @@ def main():
     ap.add_argument("--layouts", default="NHD,HND")
     ap.add_argument("--tile", default=None, metavar="BT,BH,W[,pairs[,early[,row_tail]]]",
                     help="force this tile on every launch, the op's and the pass's")
-    ap.add_argument("--index32", action="store_true",
-                    help="the op with int32 element offsets where they fit (_INDEX32)")
+    ap.add_argument("--int64", action="store_true",
+                    help="int64 element offsets on every launch (_INDEX32 off; by default "
+                    "launches whose offsets fit run int32 ones)")
     args = ap.parse_args()
     from kernels import triton_kernel
-    triton_kernel._INDEX32 = args.index32
+    if args.int64:
+        triton_kernel._INDEX32 = False
     if args.tile:
         triton_kernel.set_block_override(tuple(int(x) for x in args.tile.split(",")))
     torch.manual_seed(0)

@@ -6,7 +6,7 @@
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
 #   FLOORS="1,16,64,256" (the op beside its floors, ~30 s)   STRIDED=1 (strided_read.py, ~20 s)
 #   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls)
-#   INDEX32="1,64,4096,65536" (the op with int64 and with int32 offsets at these T, NHD, ~2 min)
+#   INDEX32="1,64,4096,65536" (the op with int64 offsets, then the default int32 ones where they fit, at these T, NHD, ~2 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -45,7 +45,7 @@ if [ -n "${STRIDED:-}" ]; then
   timeout 120 python3 benchmarks/strided_read.py 2>&1 | tee "$OUT/strided_read.txt"
 fi
 if [ -n "${INDEX32:-}" ]; then
-  for flag in "" --index32; do
+  for flag in --int64 ""; do
     echo "# bench_op.py $flag" | tee -a "$OUT/index32.txt"
     timeout 200 python3 benchmarks/bench_op.py --tokens "$INDEX32" --layouts NHD $flag 2>&1 \
       | grep -v "^W1\|^  warn" | tee -a "$OUT/index32.txt"

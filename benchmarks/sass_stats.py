@@ -6,7 +6,7 @@ The kernel has no loops, so a static count per region is what one program execut
 to compare kernel variants before spending device time on them.
 
     PYTHONPATH=. python benchmarks/sass_stats.py qwen3-next 65536 [no-gate] [--tile 4,2,4,0,0]
-        [--index32]
+        [--int64]
 """
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ def main():
     ap.add_argument("--tile", help="BLOCK_T,BLOCK_H,warps[,pairs[,early[,row_tail]]] "
                     "(default: the heuristic; any T >= 1024 gives the large-T tiles)")
     ap.add_argument("--dump", help="write the ttgir and sass here")
-    ap.add_argument("--index32", action="store_true",
-                    help="int32 element offsets where they fit (triton_kernel._INDEX32)")
+    ap.add_argument("--int64", action="store_true",
+                    help="int64 element offsets (triton_kernel._INDEX32 off; by default int32 "
+                    "ones where they fit)")
     a = ap.parse_args()
-    triton_kernel._INDEX32 = a.index32
+    if a.int64:
+        triton_kernel._INDEX32 = False
     if a.tile:
         triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)

@@ -242,7 +242,7 @@ def test_idx64_off_compiles_to_int32_index_math():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
     got = {}
-    for flag in ("", "--index32"):
+    for flag in ("--int64", ""):
         p = subprocess.run([sys.executable, "benchmarks/sass_stats.py", "qwen3-8b", "64"] +
                            ([flag] if flag else []), cwd=root, env=env, capture_output=True,
                            text=True, timeout=300)
@@ -250,7 +250,7 @@ def test_idx64_off_compiles_to_int32_index_math():
         m = re.search(r"idx64=(\d): .*i64_ops=(\d+)", p.stdout)
         assert m, p.stdout
         got[flag] = int(m.group(1)), int(m.group(2))
-    (idx_on, ops_on), (idx_off, ops_off) = got[""], got["--index32"]
+    (idx_on, ops_on), (idx_off, ops_off) = got["--int64"], got[""]
     assert (idx_on, idx_off) == (1, 0)
     assert ops_off * 4 < ops_on, got
 
