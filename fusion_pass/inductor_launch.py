@@ -241,11 +241,11 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     when the unrotated tail is not a power of two) below T = 1024, and from there the same
     head tiles with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
     H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
-    against 1.83 us at T = 1 if used there).  ``"decode"``: the T = 32 tiles for every T,
-    ``"prefill"``: the T = 1024 ones for every T, both with late loads (EARLY off: early loads
-    gain ~0.1 us at small T but cost up to 14% at large T).  (Triton autotuning would not do
-    this: Inductor benchmarks a user kernel's configs once, at the first call, and keeps the
-    winner for every later T.)"""
+    against 1.83 us at T = 1 if used there), late loads and int64 offsets.  ``"decode"``: the
+    T = 32 tiles for every T, ``"prefill"``: the T = 1024 ones for every T, both with late
+    loads (EARLY off: early loads gain ~0.1 us at small T but cost up to 14% at large T).
+    (Triton autotuning would not do this: Inductor benchmarks a user kernel's configs once, at
+    the first call, and keeps the winner for every later T.)"""
     static_t = isinstance(T, int)
     if static_t and T == 0:
         raise Unsupported("T == 0: nothing to launch")
@@ -258,9 +258,13 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
         return Plan(tiles)
     if dynamic_tiles != "auto":
         return Plan(tiles._replace(constexprs={**tiles.constexprs, "EARLY": False}))
+    if tiles.block_t > 1:  # only a forced tile (tune_kernel.py) has more at T = 32
+        return Plan(tiles)
+    # From the switch: 16 elements a thread (2 tokens for the benchmark shapes), or still one
+    # token when a row of head tiles already has that many (D = 256 with 8 KV heads), late
+    # loads and int64 offsets either way.
     row = tiles.constexprs["BLOCK_H"] * tiles.constexprs["BLOCK_D"]
-    big = max(1, 16 * 32 * tiles.num_warps // row) if tiles.block_t == 1 else 1
-    return Plan(tiles, SWITCH_T if big > 1 else 0, big)
+    return Plan(tiles, SWITCH_T, max(1, 16 * 32 * tiles.num_warps // row))
 
 
 def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,
@@ -270,8 +274,9 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
 
     ``a``: the op's arguments by schema name; ``outs``: q_out/k_out/v_out/g_out (None: not
     written); ``geom``: block_size, num_slots, kc_*/vc_*; ``scalars``: the row strides and
-    table_rows; ``launch``: tiles, switch and offset width (``plan``); ``dummy``: a read-only tensor for pointers that are never dereferenced (their
-    constexpr flag is off, so the kernel has no load or store through them)."""
+    table_rows; ``launch``: tiles, switch and offset width (``plan``); ``dummy``: a
+    read-only tensor for pointers that are never dereferenced (their constexpr flag is off, so
+    the kernel has no load or store through them)."""
     def opt(x):
         return dummy if x is None else x
 
@@ -458,8 +463,8 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
 def _index64(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -> bool:
     """Whether ``launch.tiles`` run with int64 element offsets: as ``launch()`` decides
     (``triton_kernel._needs_int64``), for a dynamic T over the T below ``switch_t`` (the
-    branch those tiles run; the other is int64).  Symbolic strides, cache or table sizes, and
-    a dynamic T without a switch: int64."""
+    branch those tiles run; the other is int64; per-token tables count T rows too).  Symbolic
+    strides, cache or table sizes, and a dynamic T without a switch: int64."""
     if not _tk._INDEX32 or (not isinstance(T, int) and not launch.switch_t):
         return True
     t_max = T if isinstance(T, int) else launch.switch_t - 1
@@ -467,8 +472,8 @@ def _index64(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -
     def dims(x, rows=None):
         v = tensor_val(x)
         out = list(zip(v.shape, v.stride()))
-        if rows is not None:
-            out[0] = (rows, out[0][1])
+        if rows is not None or (not isinstance(T, int) and same_sym(v.shape[0], T)):
+            out[0] = (t_max, out[0][1])  # one row per token (sources, per-token tables)
         return out if all(isinstance(n, int) for dim in out for n in dim) else None
 
     srcs = [dims(a[n], t_max) for n in ("q_src", "k_src", "v_src")]
@@ -497,7 +502,7 @@ def _grid_x(b, t_arg, launch: Plan):
         return b.call(f, (x, y))
 
     gx = t_arg if bt == 1 else op(operator.floordiv, op(operator.add, t_arg, bt - 1), bt)
-    if launch.switch_t:
+    if launch.switch_t and launch.big_block_t != bt:
         big = launch.big_block_t
         step = op(operator.floordiv, op(operator.mul, t_arg, 2),
                   op(operator.add, t_arg, launch.switch_t))

@@ -75,7 +75,12 @@ class FusionPass(CustomGraphPass):
                 _restore(graph, before)
 
     def uuid(self) -> str:
-        return f"fusion_pass-{_HASH[:16]}-{self.options}"
+        # module switches that change what the pass emits, besides the options
+        from kernels import triton_kernel
+
+        from . import inductor_launch
+        return (f"fusion_pass-{_HASH[:16]}-{self.options}-int32={triton_kernel._INDEX32}-"
+                f"switch={inductor_launch.SWITCH_T}")
 
 
 def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:

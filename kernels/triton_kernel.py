@@ -407,8 +407,8 @@ _BLOCK_OVERRIDE = None
 def set_block_override(cfg) -> None:
     """Force ``(BLOCK_T, BLOCK_H, num_warps)``, ``(..., pairs)``, ``(..., pairs, early)`` or
     ``(..., pairs, early, row_tail)`` for every launch (None: the heuristic).  ``row_tail``
-    applies only to NeoX rope with a tail and without pairs.  Dynamic-T Inductor launches keep
-    EARLY off regardless (``fusion_pass.inductor_launch.plan``)."""
+    applies only to NeoX rope with a tail and without pairs.  Dynamic-T Inductor launches take
+    the forced tile for every T, with no switch (``fusion_pass.inductor_launch.plan``)."""
     global _BLOCK_OVERRIDE
     _BLOCK_OVERRIDE = cfg
 
@@ -551,6 +551,8 @@ def _cached_launcher() -> CachedLauncher:
 
 def _span(x: torch.Tensor) -> int:
     """One past the largest element offset of ``x`` from its data pointer."""
+    if x.is_contiguous():  # the common case, without a Python loop over the dims
+        return x.numel()
     return span_of(zip(x.shape, x.stride()))
 
 
@@ -649,9 +651,19 @@ class BoundLaunch:
             float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
             write_q, write_k, write_v, write_gate)
         self.interp = q_src.is_cpu
-        # spans of the fixed tensors the kernel indexes (for _needs_int64)
-        self._fixed = (key_cache, value_cache, cos, sin)
+        # the fixed tensors the kernel indexes from their data pointers (int32 check)
+        self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
+        self.out_row = max(hq, hkv) * d  # elements a token of the widest output
+
+    def _fixed_span(self) -> int:
+        """The largest span of the caches and tables.  A table's is bounded by its rows times
+        its row stride plus a head: the kernel reads at most ``rotary_dim <= D`` columns of a
+        row, and this skips a Python loop over the dims of the (strided) cos/sin views on the
+        entry point's per-call path."""
+        a, d = self.args, self.shape[2]
+        tables = a[18] * max(a[15], a[16]) + d  # table_rows, cos_stride, sin_stride
+        return max([tables] + [_span(x) for x in self._fixed])
 
     def _alloc(self, t: int, poison):
         outs = []
@@ -676,18 +688,19 @@ class BoundLaunch:
         tiles = tile_plan(t, *self.shape)
         if tiles is None:
             return tuple(outs)
-        idx64 = True
-        if _INDEX32:
-            if self.fixed_span is None:
-                self.fixed_span = max(_span(x) for x in self._fixed if x is not None)
-            idx64 = _needs_int64(t, tiles.block_t, (q_src, k_src, v_src),
-                                 max(self.shape[0], self.shape[1]) * self.shape[2],
-                                 self.fixed_span)
-        # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
-        consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
         a = self.args.copy()
         a[0], a[1], a[2] = q_src, k_src, v_src
         a[3], a[4], a[5] = q_src.stride(0), k_src.stride(0), v_src.stride(0)
+        idx64 = True
+        if _INDEX32:
+            if self.fixed_span is None:
+                self.fixed_span = self._fixed_span()
+            # one span for a packed qkv (host time: this runs on every eager call)
+            srcs = (q_src,) if k_src is q_src and v_src is q_src else (q_src, k_src, v_src)
+            idx64 = needs_int64_spans(t, tiles.block_t, [(_span(x), x.stride(0)) for x in srcs],
+                                      self.out_row, self.fixed_span)
+        # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
+        consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
         a[19], a[20], a[21], a[22] = outs
         if self.has_pos:
             a[17] = positions

@@ -60,17 +60,22 @@ def _bits(cache: torch.Tensor, layout: int) -> torch.Tensor:
 
 def index32_choices(monkeypatch, on: bool = True) -> list:
     """Turn int32 offsets on or off (``triton_kernel._INDEX32``) and record, launch by launch,
-    what ``_needs_int64`` decided (False: the launch ran int32 offsets; off: no decision)."""
+    the ``IDX64`` constexpr the kernel was launched with (False: int32 offsets)."""
     from kernels import triton_kernel
     seen = []
-    real = triton_kernel._needs_int64
+    real = triton_kernel._cached_launcher
 
-    def spy(*a):
-        seen.append(real(*a))
-        return seen[-1]
+    def spy():
+        launcher = real()
+
+        def call(grid, args, consts, num_warps):
+            seen.append(dict(zip(triton_kernel._CONST_NAMES, consts))["IDX64"])
+            return launcher(grid, args, consts, num_warps)
+        return call
 
     monkeypatch.setattr(triton_kernel, "_INDEX32", on)
-    monkeypatch.setattr(triton_kernel, "_needs_int64", spy)
+    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
     return seen
 
 

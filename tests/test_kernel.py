@@ -227,7 +227,7 @@ def test_int64_offsets_match_reference(case, device, monkeypatch):
     seen = index32_choices(monkeypatch, on=False)
     torch.manual_seed(zlib.crc32(str(case).encode()) + 1)
     check_case(case, device)
-    assert seen == []  # never asked: every launch kept int64 offsets
+    assert seen == [True]  # the launch kept int64 offsets
 
 
 def test_idx64_off_compiles_to_int32_index_math():
@@ -321,6 +321,20 @@ def test_bound_launch_constexpr_values_by_name():
                        HAS_CACHE=True, SKIP_NEG=True, IS_FP8=True, HAS_KS=True, HAS_VS=False,
                        FP8_MAX=448.0, WRITE_Q=True, WRITE_K=False, WRITE_V=True,
                        WRITE_G=False)
+
+
+def test_auto_switches_even_without_bigger_tiles():
+    """D=256 with 8 KV heads (Gemma-like): a row of head tiles already holds 16 elements a
+    thread, so from T=1024 a program keeps one token, but the switch still turns the early
+    loads off and the offsets to int64 there (the small-T branch may then use int32)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch
+    kw = dict(hq=16, hkv=8, d=256, rotary_dim=256, write_q=True, run_k=True, run_v=True,
+              write_gate=False)
+    auto = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
+    assert (auto.switch_t, auto.big_block_t) == (1024, 1)
+    assert auto.tiles.block_t == 1 and auto.tiles.constexprs["EARLY"]
 
 
 def test_early_loads_only_for_static_small_t():

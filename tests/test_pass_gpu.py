@@ -44,8 +44,8 @@ def test_pass_dynamic_tokens_on_cuda():
 
 def test_dynamic_tokens_across_the_tile_switch_on_cuda():
     """One dynamic-T graph (``dynamic_tiles="auto"``) run at T = 40, 1100 and 1023: the kernel's
-    small-T branch, its large-T one (2 tokens a program; the last tile partial) and the grid's
-    step at T = 1024, each against eager, with no recompile in between."""
+    small-T branch, its large-T one (4 tokens a program at this shape) and the small-T branch
+    again just below the switch, each against eager, with no recompile in between."""
     import re
 
     from .model_forms import clone_args, resize_caches

@@ -66,6 +66,17 @@ def test_uuid_is_stable_and_depends_on_options():
     assert a.uuid() != fusion_pass.FusionPass(fuse_cache=False).uuid()
     assert a.uuid() != fusion_pass.FusionPass(inductor_launch=False).uuid()
     assert a.uuid() != fusion_pass.FusionPass(dynamic_tiles="prefill").uuid()
+    # module switches that change the emitted launch (int32 offsets, the dynamic-T switch)
+    from fusion_pass import inductor_launch
+    from kernels import triton_kernel
+    base = a.uuid()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_kernel, "_INDEX32", not triton_kernel._INDEX32)
+        assert fusion_pass.FusionPass().uuid() != base
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inductor_launch, "SWITCH_T", 4)
+        assert fusion_pass.FusionPass().uuid() != base
+    assert fusion_pass.FusionPass().uuid() == base
 
 
 def test_dynamic_tiles_option_is_checked():
