@@ -249,7 +249,9 @@ def main():
     launch_us = launch_floor_us()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
-          f"empty launch in a CUDA graph {launch_us:.2f} us")
+          f"empty launch in a CUDA graph {launch_us:.2f} us  offsets "
+          f"{'int32 where they fit' if triton_kernel._INDEX32 else 'int64'}"
+          f"{'  tile ' + args.tile if args.tile else ''}")
     if args.floors:
         return print_floors(args, bw, launch_us)
     host_overhead()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, tuning sweep, launch profile, benchmark; logs under $OUT.
 #   TESTS="tests/..." (default: all; "none": skip)   BENCH="--quick ..." (unset: no benchmark)
+#   FUZZ_GPU_EXAMPLES=40 (default here; the tests' own default is 400)
 #   TUNE="--tokens ..." (unset: no sweep; "--variants [--no-gate] ...": rope paths / gate-less)
 #   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~5 min)
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
@@ -13,6 +14,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 TESTS=${TESTS:-tests}
+# the fuzzers' GPU examples (their own default, 400, takes most of a 10-minute call)
+export FUZZ_GPU_EXAMPLES=${FUZZ_GPU_EXAMPLES:-40}
 if [ "$TESTS" != "none" ]; then
   timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS -rf 2>&1 \
     | tail -${TEST_TAIL:-30} | tee "$OUT/gpu_tests.txt"
