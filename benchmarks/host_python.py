@@ -14,38 +14,22 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import math
 import os
 import pstats
-import statistics
 import sys
-import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the Triton path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# profile_launch.py drops TRITON_INTERPRET when imported (it is for the GPU): set it after
+from profile_launch import HQ, D, T, make_inputs, per_call_us  # noqa: E402
+
+os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path (read at call time)
 
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import FusedQKVLayer, api, triton_kernel  # noqa: E402
-
-HQ, HKV, D, T = 32, 8, 128, 1
-
-
-def inputs() -> dict:
-    g = torch.Generator().manual_seed(0)
-    bf16, nb, bs = torch.bfloat16, 4096, 16
-    ang = torch.rand(40960, D // 2, generator=g) * 2 * math.pi
-    return dict(
-        qkv=torch.randn(T, (HQ + 2 * HKV) * D, dtype=bf16, generator=g),
-        num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
-        q_weight=torch.randn(D, dtype=bf16, generator=g),
-        k_weight=torch.randn(D, dtype=bf16, generator=g), eps=1e-6,
-        positions=torch.randint(0, 40960, (T,), generator=g),
-        cos_sin_cache=torch.cat([ang.cos(), ang.sin()], -1),
-        key_cache=torch.randn(nb, bs, HKV, D, dtype=bf16, generator=g),
-        value_cache=torch.randn(nb, bs, HKV, D, dtype=bf16, generator=g),
-        slot_mapping=torch.randperm(nb * bs, generator=g)[:T], return_k=False, return_v=False)
 
 
 class _NoLaunch:
@@ -54,18 +38,6 @@ class _NoLaunch:
 
     def __call__(self, *args, **kw):
         pass
-
-
-def per_call_us(fn, n: int = 5000, reps: int = 5) -> float:
-    for _ in range(200):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,7 +49,7 @@ def main() -> None:
         triton_kernel._INDEX32 = False
     triton_kernel._FAST_LAUNCH = True
     triton_kernel._cached_launcher = _NoLaunch  # every launch() call gets a no-op launcher
-    inp = inputs()
+    inp = make_inputs("cpu")
     step = {k: inp[k] for k in ("qkv", "positions", "slot_mapping")}
     layer = FusedQKVLayer(**{k: v for k, v in inp.items() if k not in step})
     call = api.prepare(**inp)
@@ -89,7 +61,7 @@ def main() -> None:
     print(f"# our Python per call, launch stubbed, T={T}, "
           f"{'int64' if a.int64 else 'int32 where they fit'} offsets, torch {torch.__version__}")
     for name, fn in rows:
-        print(f"{name:32} {per_call_us(fn):7.1f} us")
+        print(f"{name:32} {per_call_us(fn, 5000, cuda=False):7.1f} us")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

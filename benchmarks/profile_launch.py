@@ -37,23 +37,25 @@ N, REPS = 2000, 5
 HQ, HKV, D, T = 32, 8, 128, 1
 
 
-def per_call_us(fn, n: int = N, reps: int = REPS) -> float:
+def per_call_us(fn, n: int = N, reps: int = REPS, cuda: bool = True) -> float:
+    """Median per-call time; ``cuda``: wait for the GPU at the end of each loop."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(times)
 
 
-def make_inputs() -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dev, bf16 = "cuda", torch.bfloat16
+def make_inputs(dev: str = "cuda") -> dict:
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf16 = torch.bfloat16
     ang = torch.rand(40960, D // 2, device=dev, generator=g) * 2 * math.pi
     nb, bs = 4096, 16
     return dict(

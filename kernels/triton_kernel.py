@@ -697,8 +697,7 @@ class BoundLaunch:
                 self.fixed_span = self._fixed_span()
             # one span for a packed qkv (host time: this runs on every eager call)
             srcs = (q_src,) if k_src is q_src and v_src is q_src else (q_src, k_src, v_src)
-            idx64 = needs_int64_spans(t, tiles.block_t, [(_span(x), x.stride(0)) for x in srcs],
-                                      self.out_row, self.fixed_span)
+            idx64 = _needs_int64(t, tiles.block_t, srcs, self.out_row, self.fixed_span)
         # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
         consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
         a[19], a[20], a[21], a[22] = outs
