@@ -94,6 +94,9 @@ FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,RO
                "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0"}
 # inductor_launch.SWITCH_T for the form
 SWITCH_OVERRIDE = {"view_dyn_switch": 4, "d256_kv8_dyn_switch": 4}
+# a regex the generated code of the form must match: the grid's step at the switch,
+# (2T) // (T + SWITCH_T) as sympy prints it (T = 2 s here, so the constant is halved)
+CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)"}
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
@@ -399,6 +402,8 @@ def compile_one(mode, name, codes, verbose):
     fused = assert_launch_used(rep, name)
     with_cache = any(c.status == "fused" for c in rep.fused)
     check_code(code, args, fused, with_cache)
+    want = CODE_CHECKS.get(name)
+    assert want is None or re.search(want, code), f"no match for {want!r} in the code"
     extra = set()
     for exp, got in Recorder.writes:
         assert exp <= got, f"TTIR analysis misses writes {sorted(exp - got)}"
