@@ -81,6 +81,9 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     # the same where the large-T tile keeps one token (D = 256, 8 KV heads: 2048 elements a
     # row of head tiles): the switch only turns early loads off and offsets to int64
     "d256_kv8_dyn_switch": (dict(d=256, hq=8, hkv=8), True),
+    # 64 heads a token (GLM-4.5-like): the switch comes at T = 256 (checked in the plan and
+    # the grid; the form itself runs the small-T branch)
+    "many_heads_dyn": (dict(hq=48, hkv=8), True),
     # FusionOptions(dynamic_tiles="prefill") on a dynamic T with a 192-wide tail: the T=1024
     # tiles (one token of four heads, the whole-row tail), not the decode ones (FORM_CHECKS)
     "gated_dyn_prefill": (dict(split="gated_interleaved", rotary=0.25, d=256, hq=4, hkv=1,
@@ -91,12 +94,14 @@ FORM_OPTIONS = {"gated_dyn_prefill": dict(dynamic_tiles="prefill")}  # more Fusi
 FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,ROW_TAIL=1",
                "view_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=1024: BLOCK_T=8,EARLY=0,IDX64=1",
                "view_dyn_switch": "from T>=4: BLOCK_T=",
-               "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0"}
+               "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0",
+               "many_heads_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=256: BLOCK_T=2,EARLY=0"}
 # inductor_launch.SWITCH_T for the form
 SWITCH_OVERRIDE = {"view_dyn_switch": 4, "d256_kv8_dyn_switch": 4}
 # a regex the generated code of the form must match: the grid's step at the switch,
 # (2T) // (T + SWITCH_T) as sympy prints it (T = 2 s here, so the constant is halved)
-CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)"}
+CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)",
+               "many_heads_dyn": r"\(2\*s\d+\) // \(128 \+ s\d+\)"}
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
@@ -105,7 +110,7 @@ BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warp
 CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "kv_halves_dyn", "uint8_fp8",
               "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static", "view_dyn_block_t2",
               "hf_static", "hnd", "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80",
-              "view_dyn_cache", "d256_kv8_dyn_switch"]
+              "view_dyn_cache", "d256_kv8_dyn_switch", "many_heads_dyn"]
 LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")
 
 

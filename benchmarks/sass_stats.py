@@ -43,7 +43,7 @@ def capture(name: str, t: int, gate: bool):
     class Recorder:
         fn = triton_kernel.fused_qkv_kernel
 
-        def __call__(self, grid, args, consts, num_warps):
+        def __call__(self, grid, args, consts, num_warps, launch_pdl=False):
             seen.append((grid, list(args), consts, num_warps))
 
     triton_kernel._launcher = Recorder()
@@ -57,7 +57,9 @@ def capture(name: str, t: int, gate: bool):
         del os.environ["TRITON_INTERPRET"]
         triton_kernel._launcher = None
     grid, args, consts, warps = seen[0]
-    return grid, args, consts[:-1] + (False,), warps  # INTERP off: compiled for the GPU
+    consts = tuple(False if n == "INTERP" else c  # INTERP off: compiled for the GPU
+                   for n, c in zip(triton_kernel._CONST_NAMES, consts))
+    return grid, args, consts, warps
 
 
 def compile_sm90(args, consts, num_warps):

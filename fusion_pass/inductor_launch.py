@@ -88,7 +88,7 @@ WRAPPED_ARGS = (
     "HAS_NORM", "HAS_QW", "HAS_KW", "IS_NEOX", "EXPANDED", "HAS_POS", "HAS_CACHE", "SKIP_NEG",
     "IS_FP8", "HAS_KS", "HAS_VS", "FP8_MAX", "WRITE_Q", "WRITE_K", "WRITE_V", "WRITE_G", "NQB",
     "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF", "BLOCK_TAIL", "PAIRS",
-    "EARLY", "ROW_TAIL", "IDX64", "INTERP",
+    "EARLY", "ROW_TAIL", "IDX64", "INTERP", "PDL",
 )
 
 
@@ -150,7 +150,7 @@ def fused_qkv_inductor_kernel(
                 WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
                 NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H,
                 BLOCK_D=BLOCK_D, BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS,
-                EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP,
+                EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP, PDL=False,
             )
             return
     fused_qkv_kernel(
@@ -169,7 +169,7 @@ def fused_qkv_inductor_kernel(
         WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
         NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=EARLY,
-        ROW_TAIL=ROW_TAIL, IDX64=IDX64, INTERP=INTERP,
+        ROW_TAIL=ROW_TAIL, IDX64=IDX64, INTERP=INTERP, PDL=False,
     )
 
 
@@ -238,7 +238,8 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T, ``"auto"``: the
     choice for T = 32 (one token a program, T x head-tiles programs; a whole-row tail tile
-    when the unrotated tail is not a power of two) below T = 1024, and from there the same
+    when the unrotated tail is not a power of two) below T = 1024 (T = 256 with many heads a
+    token, e.g. GLM-4.5, where launch() changes tiles there too), and from there the same
     head tiles with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
     H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
     against 1.83 us at T = 1 if used there), late loads and int64 offsets.  ``"decode"``: the
@@ -262,9 +263,14 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
         return Plan(tiles)
     # From the switch: 16 elements a thread (2 tokens for the benchmark shapes), or still one
     # token when a row of head tiles already has that many (D = 256 with 8 KV heads), late
-    # loads and int64 offsets either way.
-    row = tiles.constexprs["BLOCK_H"] * tiles.constexprs["BLOCK_D"]
-    return Plan(tiles, SWITCH_T, max(1, 16 * 32 * tiles.num_warps // row))
+    # loads and int64 offsets either way.  Many heads a token (GLM-4.5): from T = 256, where
+    # launch() takes the same tile (2 tokens of 8 heads, 4 warps) for static T.
+    c = tiles.constexprs
+    row = c["BLOCK_H"] * c["BLOCK_D"]
+    switch = SWITCH_T
+    if _tk.many_heads(hq, hkv) and not c["ROW_TAIL"] and not c["PAIRS"]:
+        switch = min(SWITCH_T, _tk._T_MID)
+    return Plan(tiles, switch, max(1, 16 * 32 * tiles.num_warps // row))
 
 
 def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,

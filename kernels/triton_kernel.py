@@ -25,6 +25,11 @@ import triton
 import triton.language as tl
 
 from .fast_launch import CachedLauncher, _is_constexpr
+
+try:  # grid dependency control (Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: PDL stays off (_pdl_ok)
+    gdc_launch_dependents = gdc_wait = None
 from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 
@@ -313,7 +318,13 @@ def fused_qkv_kernel(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (sm_90+, launched with launch_pdl=True): this
+        # grid may start while the previous kernel still runs; wait for it before any memory
+        # access, and let the next one start its own launch at once (it must wait likewise)
+        gdc_wait()
+        gdc_launch_dependents()
     # One grid axis, head tiles varying fastest: the programs resident at once then cover
     # whole token rows (contiguous memory), which kept HBM busier than a (token, head) grid:
     # +7% bandwidth at T=65536 on an H200 (benchmarks/tune_kernel.py --variants).
@@ -432,7 +443,7 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
 
     BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
     K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
-    chain), but two at mid T when a token has many heads.  Large T (and mid T at D=256):
+    chain).  Large T (and mid T at D=256 or with many heads a token, see ``large_tiles_from``):
     tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
     T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
     (ROW_TAIL): from T=1024 one token of up to 1024 elements a program on one warp, as many
@@ -448,14 +459,27 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
         num_tokens = 1  # the small-T tiles
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     block_t = 1
-    if num_tokens >= _T_LARGE or (block_d > 128 and num_tokens >= _T_MID):
+    if num_tokens >= large_tiles_from(head_dim, num_q_heads, num_kv_heads):
         block_t = max(1, 2048 // (block_h * block_d))
-    elif num_tokens >= _T_MID and num_q_heads + 2 * num_kv_heads >= 64:
-        # mid T with many heads a token (GLM-4.5: 112): two tokens of four heads a program,
-        # one warp: 4.55 against 5.25 us at T=256 (1 token of 8 heads, 4 warps)
-        return 2, min(block_h, 4), block_d, 1
     num_warps = 4 if block_t * block_h * block_d >= 1024 else 2
     return block_t, block_h, block_d, num_warps
+
+
+def large_tiles_from(head_dim: int, num_q_heads: int, num_kv_heads: int) -> int:
+    """The T from which ``_pick_blocks`` gives the large-T tiles (without ROW_TAIL): T=256 at
+    D=256 or with many heads a token, else T=1024.  GLM-4.5 (112 heads a token) on an H200
+    (``results/h200-2026-11-30-tune-mid-glm.txt``): 2 tokens of 8 heads on 4 warps took 4.13 /
+    6.50 / 10.38 us at T = 256 / 512 / 768, against 4.27 / 6.87 / 10.81 for the 2 tokens of 4
+    heads on one warp chosen before, and 1 token of 8 heads (the small-T tile) lost by 20% at
+    T=256 (5.25 against 4.55 us, an older kernel)."""
+    if _pow2(head_dim) > 128 or many_heads(num_q_heads, num_kv_heads):
+        return _T_MID
+    return _T_LARGE
+
+
+def many_heads(num_q_heads: int, num_kv_heads: int) -> bool:
+    """Q, K and V heads of a token fill a grid row of many programs (GLM-4.5: 112)."""
+    return num_q_heads + 2 * num_kv_heads >= 64
 
 
 def _odd_tail(head_dim: int, rotary_dim: int) -> bool:
@@ -537,8 +561,19 @@ _FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profi
 # sm_90 instructions (benchmarks/sass_stats.py); on an H200 -0.14..-0.25 us at T <= 64
 # (GLM-4.5 T=64: 2.18 against 2.43 us) and up to -1.3% at T = 65536.
 _INDEX32 = True
+# Programmatic dependent launch for eager launches on sm_90+: the kernel may start while the
+# previous kernel on the stream finishes (it waits for it before touching memory).
+_PDL = False
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or more
+    (Hopper) and a Triton with grid dependency control."""
+    return (device.type == "cuda" and gdc_wait is not None and torch.version.cuda is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _cached_launcher() -> CachedLauncher:
@@ -578,7 +613,7 @@ def needs_int64_spans(t: int, block_t: int, srcs, out_row: int, fixed_span: int)
 
 # Where launch()'s per-step tensors sit in its positional arguments
 _STEP_ARGS = (0, 1, 2, 17, 23)  # q_src, k_src, v_src, positions, slot_mapping
-# Kernel constexprs in kernel order: the fixed ones, then TilePlan's, then INTERP
+# Kernel constexprs in kernel order: the fixed ones, TilePlan's, IDX64, INTERP, PDL
 _TILE_CONSTS = ("NQB", "NKB", "NVB", "BLOCK_T", "BLOCK_H", "BLOCK_D", "BLOCK_HALF",
                 "BLOCK_TAIL", "PAIRS", "EARLY", "ROW_TAIL")
 
@@ -651,6 +686,7 @@ class BoundLaunch:
             float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
             write_q, write_k, write_v, write_gate)
         self.interp = q_src.is_cpu
+        self.pdl = _PDL and _pdl_ok(self.dev)
         # the fixed tensors the kernel indexes from their data pointers (int32 check)
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
@@ -699,7 +735,8 @@ class BoundLaunch:
             srcs = (q_src,) if k_src is q_src and v_src is q_src else (q_src, k_src, v_src)
             idx64 = _needs_int64(t, tiles.block_t, srcs, self.out_row, self.fixed_span)
         # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
-        consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp)
+        consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp,
+                                                                    self.pdl)
         a[19], a[20], a[21], a[22] = outs
         if self.has_pos:
             a[17] = positions
@@ -708,13 +745,14 @@ class BoundLaunch:
         a[36] = t
         grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
         if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-            _cached_launcher()(grid, a, consts, tiles.num_warps)
+            _cached_launcher()(grid, a, consts, tiles.num_warps, self.pdl)
         else:
             fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)),
-                                   num_warps=tiles.num_warps)
+                                   num_warps=tiles.num_warps,
+                                   **({"launch_pdl": True} if self.pdl else {}))
         return tuple(outs)
 
 
-# The kernel's constexpr names in order (BoundLaunch.consts, then TilePlan's, IDX64, INTERP)
+# The kernel's constexpr names in order (BoundLaunch.consts, TilePlan's, IDX64, INTERP, PDL)
 _CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()
                      if _is_constexpr(p))

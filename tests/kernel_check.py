@@ -68,9 +68,9 @@ def index32_choices(monkeypatch, on: bool = True) -> list:
     def spy():
         launcher = real()
 
-        def call(grid, args, consts, num_warps):
+        def call(grid, args, consts, num_warps, launch_pdl=False):
             seen.append(dict(zip(triton_kernel._CONST_NAMES, consts))["IDX64"])
-            return launcher(grid, args, consts, num_warps)
+            return launcher(grid, args, consts, num_warps, launch_pdl)
         return call
 
     monkeypatch.setattr(triton_kernel, "_INDEX32", on)

@@ -165,8 +165,9 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
 def test_dynamic_tiles_modes_take_their_plans(shape):
     """FusionOptions.dynamic_tiles: a dynamic T gets the T=32 plan ("decode") or the T=1024
     one ("prefill"), both with the late loads (EARLY off) and no switch; "auto" the T=32 plan
-    below T=1024 and from there the same head tiles and warps with 2 tokens a program (16
-    elements a thread): the T=1024 plan itself for the dense shapes."""
+    below T=1024 (T=256 for GLM-4.5, where launch() changes tiles) and from there the same
+    head tiles and warps with 2 tokens a program (16 elements a thread): the T=1024 plan
+    itself for the dense shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from fusion_pass import inductor_launch
@@ -184,11 +185,15 @@ def test_dynamic_tiles_modes_take_their_plans(shape):
         assert got.constexprs == {**want.constexprs, "EARLY": False}
     auto = inductor_launch.plan(t, **kw)
     assert auto.tiles == tile_plan(32, hq, hkv, d, r, True, True, True, False)
-    assert (auto.switch_t, auto.big_block_t) == (1024, 2)
-    if d == 128:  # dense shapes: the big branch is exactly the T=1024 plan
-        big = tile_plan(1024, hq, hkv, d, r, True, True, True, False)
-        assert (big.block_t, big.head_tiles, big.num_warps) == \
-            (2, auto.tiles.head_tiles, auto.tiles.num_warps)
+    switch = 256 if hq == 96 else 1024
+    assert (auto.switch_t, auto.big_block_t) == (switch, 2)
+    if d == 128:  # dense shapes: the big branch is exactly the plan from the switch on
+        for at in (switch, 1024):
+            big = tile_plan(at, hq, hkv, d, r, True, True, True, False)
+            assert (big.block_t, big.head_tiles, big.num_warps) == \
+                (2, auto.tiles.head_tiles, auto.tiles.num_warps)
+        below = tile_plan(switch - 1, hq, hkv, d, r, True, True, True, False)
+        assert below[:3] == auto.tiles[:3]
 
 
 # Element offsets of both widths (triton_kernel._INDEX32, on by default): with it on each case
@@ -228,6 +233,33 @@ def test_int64_offsets_match_reference(case, device, monkeypatch):
     torch.manual_seed(zlib.crc32(str(case).encode()) + 1)
     check_case(case, device)
     assert seen == [True]  # the launch kept int64 offsets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for _, c in INDEX32_CASES], ids=[i for i, _ in INDEX32_CASES])
+def test_pdl_launch_matches_reference(case, monkeypatch):
+    """Programmatic dependent launch (``triton_kernel._PDL``, off by default: it pays only in
+    back-to-back replays of the op itself, benchmarks/pdl_bench.py): launched with it, the
+    kernel still matches the reference."""
+    from kernels import triton_kernel
+    seen = []
+    real = triton_kernel._cached_launcher
+
+    def spy():
+        launcher = real()
+
+        def call(grid, args, consts, num_warps, launch_pdl=False):
+            seen.append((launch_pdl, dict(zip(triton_kernel._CONST_NAMES, consts))["PDL"]))
+            return launcher(grid, args, consts, num_warps, launch_pdl)
+        return call
+
+    monkeypatch.setattr(triton_kernel, "_PDL", True)
+    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    torch.manual_seed(zlib.crc32(str(case).encode()) + 2)
+    check_case(case, "cuda")
+    want = torch.cuda.get_device_capability()[0] >= 9  # sm_90+ only
+    assert seen == [(want, want)]
 
 
 def test_idx64_off_compiles_to_int32_index_math():
@@ -357,8 +389,10 @@ def test_early_loads_only_for_static_small_t():
 
 
 def test_mid_t_tiles_for_many_head_models():
+    """From T=256 many heads a token (GLM-4.5) take the large-T tile, 2 tokens of 8 heads."""
     from kernels.triton_kernel import _pick_blocks
-    assert _pick_blocks(256, 128, 96, 8) == (2, 4, 128, 1)  # GLM-4.5
+    assert _pick_blocks(256, 128, 96, 8) == (2, 8, 128, 4)  # GLM-4.5
+    assert _pick_blocks(1023, 128, 96, 8) == (2, 8, 128, 4)
     assert _pick_blocks(256, 128, 32, 8) == (1, 8, 128, 4)  # Qwen3-8B keeps one token
     assert _pick_blocks(64, 128, 96, 8) == (1, 8, 128, 4)  # decode sizes unchanged
     assert _pick_blocks(1024, 128, 96, 8) == (2, 8, 128, 4)  # large T unchanged

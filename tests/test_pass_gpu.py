@@ -42,16 +42,20 @@ def test_pass_dynamic_tokens_on_cuda():
     check_fused(Form(device="cuda"), dynamic=True)
 
 
-def test_dynamic_tokens_across_the_tile_switch_on_cuda():
-    """One dynamic-T graph (``dynamic_tiles="auto"``) run at T = 40, 1100 and 1023: the kernel's
-    small-T branch, its large-T one (4 tokens a program at this shape) and the small-T branch
-    again just below the switch, each against eager, with no recompile in between."""
+@pytest.mark.parametrize("hq, switch, tokens", [(8, 1024, (40, 1100, 1023)),
+                                                (48, 256, (40, 300, 255, 1100))],
+                         ids=["switch_1024", "many_heads_256"])
+def test_dynamic_tokens_across_the_tile_switch_on_cuda(hq, switch, tokens):
+    """One dynamic-T graph (``dynamic_tiles="auto"``) run on both sides of the tile switch: the
+    kernel's small-T branch, its large-T one (4 tokens a program at 8 Q heads) and the small-T
+    branch again just below the switch, each against eager, with no recompile in between.
+    With 64 heads a token (48 Q + 2 x 8 KV, GLM-4.5-like) the switch is at T=256."""
     import re
 
     from .model_forms import clone_args, resize_caches
     from .pass_check import RecordingPass, assert_numerics
 
-    form = Form(device="cuda", d=128, hq=8, hkv=2)
+    form = Form(device="cuda", d=128, hq=hq, hkv=2 if hq == 8 else 8)
     fn, args0 = build(form)
     args0 = resize_caches(args0, 300)  # 1200 slots
     g = torch.Generator().manual_seed(3)
@@ -59,7 +63,7 @@ def test_dynamic_tokens_across_the_tile_switch_on_cuda():
     torch._dynamo.reset()
     compiled = None
     with torch._inductor.config.patch(post_grad_custom_post_pass=fpass, fx_graph_cache=False):
-        for t in (40, 1100, 1023):
+        for t in tokens:
             args = list(args0)
             args[0] = torch.randn(1, t, args0[0].shape[-1], generator=g).to(args0[0])
             args[4] = torch.randint(0, 64, (1, t), generator=g).cuda()
@@ -72,7 +76,8 @@ def test_dynamic_tokens_across_the_tile_switch_on_cuda():
                 before = clone_args(args)
                 out, codes = run_and_get_code(compiled, *args)
                 code = "\n".join(codes)
-                assert re.search(r"//\s*\(1024 \+ ", code), "no tile switch in the grid"
+                # the grid's step (2T) // (T + switch)
+                assert re.search(rf"//\s*\({switch} \+ ", code), "no tile switch in the grid"
             else:
                 before = clone_args(args)
                 out = compiled(*args)
