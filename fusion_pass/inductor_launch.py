@@ -112,14 +112,15 @@ def fused_qkv_inductor_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
-    SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr,
+    SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr, BIG_INT32_BELOW: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset).
 
     ``SWITCH_T`` > 0 (a dynamic T): from ``T >= SWITCH_T`` on, each program takes
-    ``BIG_BLOCK_T`` tokens, with late loads and int64 offsets (the grid shrinks to match,
-    see ``_grid_x``); below, the given tiles.  One uniform branch, so one graph runs the
-    small-T tiles for decode and the large-T ones for long prefills."""
+    ``BIG_BLOCK_T`` tokens, with late loads, and int32 offsets below ``BIG_INT32_BELOW``
+    (worked out from the tensors' static spans), int64 from there (the grid shrinks to
+    match, see ``_grid_x``); below ``SWITCH_T``, the given tiles.  Uniform branches, so one
+    graph runs the small-T tiles for decode and the large-T ones for long prefills."""
     k_cache = k_base + k_off
     if V_IN_K_BASE:  # K and V halves of one tensor: one mutated argument
         v_cache = k_base + v_off
@@ -132,7 +133,29 @@ def fused_qkv_inductor_kernel(
         k_cache = k_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
         v_cache = v_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
     if SWITCH_T > 0:
-        if T >= SWITCH_T:  # the same call as below but for its three tile constexprs
+        if T >= SWITCH_T:  # the same call as below but for its tile and offset constexprs
+            if BIG_INT32_BELOW > SWITCH_T:  # int32 offsets still fit below this T
+                if T < BIG_INT32_BELOW:
+                    fused_qkv_kernel(
+                        q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
+                        k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
+                        k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+                        cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
+                        sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows, q_out=q_out,
+                        k_out=k_out, v_out=v_out, g_out=g_out, k_cache=k_cache, v_cache=v_cache,
+                        slot_ptr=slot_ptr, block_size=block_size, num_slots=num_slots,
+                        kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head, vc_blk=vc_blk,
+                        vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale, v_scale=v_scale, T=T,
+                        HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE, HAS_NORM=HAS_NORM, HAS_QW=HAS_QW,
+                        HAS_KW=HAS_KW, IS_NEOX=IS_NEOX, EXPANDED=EXPANDED, HAS_POS=HAS_POS,
+                        HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS,
+                        HAS_VS=HAS_VS, FP8_MAX=FP8_MAX, WRITE_Q=WRITE_Q, WRITE_K=WRITE_K,
+                        WRITE_V=WRITE_V, WRITE_G=WRITE_G, NQB=NQB, NKB=NKB, NVB=NVB,
+                        BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+                        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=False,
+                        ROW_TAIL=ROW_TAIL, IDX64=False, INTERP=INTERP, PDL=False,
+                    )
+                    return
             fused_qkv_kernel(
                 q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
                 k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
@@ -223,12 +246,14 @@ SWITCH_T = _tk._T_LARGE
 class Plan(NamedTuple):
     """What the Inductor launch runs: ``tiles`` (below ``switch_t``, or for every T), and
     from ``switch_t`` > 0 on (a dynamic T only) ``big_block_t`` tokens a program with the
-    same head tiles and warps, late loads and int64 offsets.  ``idx64``: the element offsets
-    of ``tiles`` are int64 (set by ``_build`` from the tensors' spans, see ``_index64``)."""
+    same head tiles and warps and late loads.  Offset widths (set by ``_build`` from the
+    tensors' spans, see ``_offset_widths``): ``idx64``, the element offsets of ``tiles`` are
+    int64; the large-T branch takes int32 ones below ``big_int32_below``, int64 from there."""
     tiles: _tk.TilePlan
     switch_t: int = 0
     big_block_t: int = 1
     idx64: bool = True
+    big_int32_below: int = 0
 
 
 def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
@@ -317,6 +342,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
         V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
         SWITCH_T=launch.switch_t, BIG_BLOCK_T=launch.big_block_t,
+        BIG_INT32_BELOW=launch.big_int32_below,
     )
     assert list(kw) == list(fused_qkv_inductor_kernel.arg_names), "kwargs out of sync"
     return kw
@@ -422,7 +448,7 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
                   run_k=a["write_k"] or has_cache, run_v=a["write_v"] or has_cache,
                   write_gate=write_gate, dynamic_tiles=dynamic_tiles,
                   is_neox=bool(a["is_neox"]))
-    launch = launch._replace(idx64=_index64(a, kc, vc, T, launch))
+    launch = _offset_widths(a, kc, vc, T, launch)
 
     # --- everything static is checked before the first node goes in -----------------------
     cache_fp8, fp8, k_off, v_off = 0, None, 0, 0
@@ -466,31 +492,52 @@ def _build(b, a: dict, kc: Optional[dict], vc: Optional[dict], dynamic_tiles: st
         raise
 
 
-def _index64(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -> bool:
-    """Whether ``launch.tiles`` run with int64 element offsets: as ``launch()`` decides
-    (``triton_kernel._needs_int64``), for a dynamic T over the T below ``switch_t`` (the
-    branch those tiles run; the other is int64; per-token tables count T rows too).  Symbolic
-    strides, cache or table sizes, and a dynamic T without a switch: int64."""
-    if not _tk._INDEX32 or (not isinstance(T, int) and not launch.switch_t):
-        return True
-    t_max = T if isinstance(T, int) else launch.switch_t - 1
-
-    def dims(x, rows=None):
+def _int32_fits(a: dict, kc: Optional[dict], vc: Optional[dict], T):
+    """``fits(t, block_t)``: whether ``t`` tokens in tiles of ``block_t`` keep every element
+    offset in int32, as ``launch()`` decides (``triton_kernel._needs_int64``): the sources
+    and per-token tables have ``t`` rows, the caches and other tables their own size.  None
+    when a stride, a cache or a table size is symbolic."""
+    def dims(x, per_token=False):
         v = tensor_val(x)
         out = list(zip(v.shape, v.stride()))
-        if rows is not None or (not isinstance(T, int) and same_sym(v.shape[0], T)):
-            out[0] = (t_max, out[0][1])  # one row per token (sources, per-token tables)
-        return out if all(isinstance(n, int) for dim in out for n in dim) else None
+        if per_token or (not isinstance(T, int) and same_sym(v.shape[0], T)):
+            out[0] = (None, out[0][1])  # one row per token: t rows
+        return out if all(isinstance(n, int) for dim in out for n in dim if n is not None) \
+            else None
 
-    srcs = [dims(a[n], t_max) for n in ("q_src", "k_src", "v_src")]
+    srcs = [dims(a[n], True) for n in ("q_src", "k_src", "v_src")]
     fixed = [dims(x) for x in ([kc["base"], vc["base"]] if kc is not None else []) +
              [a["cos"], a["sin"]]]
     if any(x is None for x in srcs + fixed):
-        return True
-    return _tk.needs_int64_spans(
-        t_max, launch.tiles.block_t, [(_tk.span_of(x), x[0][1]) for x in srcs],
-        max(a["num_q_heads"], a["num_kv_heads"]) * a["head_dim"],
-        max(_tk.span_of(x) for x in fixed))
+        return None
+    out_row = max(a["num_q_heads"], a["num_kv_heads"]) * a["head_dim"]
+
+    def fits(t: int, block_t: int) -> bool:
+        def span(ds):
+            return _tk.span_of((t if n is None else n, st) for n, st in ds)
+        return not _tk.needs_int64_spans(t, block_t, [(span(x), x[0][1]) for x in srcs],
+                                         out_row, max(span(x) for x in fixed))
+    return fits
+
+
+def _offset_widths(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -> Plan:
+    """``launch`` with its offset widths: ``idx64`` for ``tiles`` (static T, or a dynamic T
+    below ``switch_t``); ``big_int32_below``, the T up to which the large-T branch still
+    keeps int32 offsets (0: never).  Symbolic strides or sizes, int32 turned off
+    (``triton_kernel._INDEX32``) and a dynamic T without a switch: int64."""
+    fits = _int32_fits(a, kc, vc, T) if _tk._INDEX32 else None
+    if fits is None or (not isinstance(T, int) and not launch.switch_t):
+        return launch._replace(idx64=True, big_int32_below=0)
+    t_max = T if isinstance(T, int) else launch.switch_t - 1
+    launch = launch._replace(idx64=not fits(t_max, launch.tiles.block_t), big_int32_below=0)
+    lo, big = launch.switch_t, launch.big_block_t
+    if isinstance(T, int) or not fits(lo, big):
+        return launch
+    hi = 1 << 31  # fits(hi) is False: offsets of 2^31 tokens of one element overflow
+    while hi - lo > 1:  # fits() is monotone in t: the largest t that fits is lo
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid, big) else (lo, mid)
+    return launch._replace(big_int32_below=lo + 1)
 
 
 def _grid_x(b, t_arg, launch: Plan):
@@ -636,6 +683,8 @@ def describe(node: Node) -> str:
                                                    "ROW_TAIL", "IDX64"))
     if kw["SWITCH_T"]:
         tile += f" from T>={kw['SWITCH_T']}: BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=1"
+        if kw["BIG_INT32_BELOW"]:
+            tile += f" from T>={kw['BIG_INT32_BELOW']} (0 below)"
     return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
             f"tile={tile} mutates={list(node.kwargs['tensors_to_clone'])}")
 

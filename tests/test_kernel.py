@@ -369,6 +369,37 @@ def test_auto_switches_even_without_bigger_tiles():
     assert auto.tiles.block_t == 1 and auto.tiles.constexprs["EARLY"]
 
 
+def test_large_t_branch_keeps_int32_offsets_up_to_the_exact_bound(monkeypatch):
+    """A dynamic-T Inductor launch: the large-T branch runs int32 offsets for T below
+    ``big_int32_below`` and int64 from there; the bound is the first T at which launch()'s
+    own check (``_needs_int64``) asks for int64.  With int32 turned off: int64 everywhere."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch as il
+    from kernels import triton_kernel as tk
+    hq, hkv, d = 96, 8, 128
+    w = (hq + 2 * hkv) * d
+    qkv = torch.empty(4, w, device="meta", dtype=torch.bfloat16)
+    cache = torch.empty(4096, 16, hkv, d, device="meta", dtype=torch.bfloat16)
+    table = torch.empty(4096, 64, device="meta")
+    a = dict(q_src=qkv, k_src=qkv, v_src=qkv, cos=table[:, :32], sin=table[:, 32:],
+             num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    t_sym = ShapeEnv().create_unbacked_symint()
+    launch = il.plan(t_sym, hq=hq, hkv=hkv, d=d, rotary_dim=64, write_q=True, run_k=True,
+                     run_v=True, write_gate=False)
+    got = il._offset_widths(a, dict(base=cache), dict(base=cache), t_sym, launch)
+    bound = got.big_int32_below
+    assert not got.idx64 and bound > launch.switch_t
+
+    def needs64(t):
+        return tk._needs_int64(t, launch.big_block_t, (torch.empty(t, w, device="meta"),),
+                               hq * d, max(cache.numel(), tk._span(table)))
+    assert not needs64(bound - 1) and needs64(bound)
+    monkeypatch.setattr(tk, "_INDEX32", False)
+    got = il._offset_widths(a, dict(base=cache), dict(base=cache), t_sym, launch)
+    assert got.idx64 and got.big_int32_below == 0
+
+
 def test_early_loads_only_for_static_small_t():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
