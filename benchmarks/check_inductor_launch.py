@@ -81,7 +81,7 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     # the same with int32 offsets off (INDEX32_OVERRIDE): the large-T branch's int64 copy
     "view_dyn_switch_int64": (dict(S=9), True),
     # the same where the large-T tile keeps one token (D = 256, 8 KV heads: 2048 elements a
-    # row of head tiles): the switch only turns early loads off and offsets to int64
+    # row of head tiles): the switch only turns early loads off
     "d256_kv8_dyn_switch": (dict(d=256, hq=8, hkv=8), True),
     # 64 heads a token (GLM-4.5-like): the switch comes at T = 256 (checked in the plan and
     # the grid; the form itself runs the small-T branch)
@@ -94,8 +94,9 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
 FORM_OPTIONS = {"gated_dyn_prefill": dict(dynamic_tiles="prefill")}  # more FusionOptions
 # a substring every launch description (inductor_launch.describe) of the form must hold
 FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,ROW_TAIL=1",
-               "view_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=1024: BLOCK_T=8,EARLY=0,IDX64=1",
-               "view_dyn_switch": "from T>=4: BLOCK_T=8,EARLY=0,IDX64=1 from T>=",
+               "view_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=1024: BLOCK_T=8,EARLY=0,IDX64=0 "
+                           "below T=",
+               "view_dyn_switch": "from T>=4: BLOCK_T=8,EARLY=0,IDX64=0 below T=",
                "view_dyn_switch_int64": "IDX64=1 from T>=4: BLOCK_T=8,EARLY=0,IDX64=1 mutates",
                "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0",
                "many_heads_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=256: BLOCK_T=2,EARLY=0"}
@@ -112,8 +113,8 @@ BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warp
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
 # the tail); --forms all for every form.
-CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "view_dyn_switch_int64", "kv_halves_dyn",
-              "uint8_fp8", "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static", "view_dyn_block_t2",
+CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "view_dyn_switch_int64",
+              "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static", "view_dyn_block_t2",
               "hf_static", "hnd", "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80",
               "view_dyn_cache", "d256_kv8_dyn_switch", "many_heads_dyn"]
 LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")

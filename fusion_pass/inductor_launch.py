@@ -23,9 +23,10 @@ Why a trampoline kernel (``fused_qkv_inductor_kernel``) around ``fused_qkv_kerne
 
 * reinplacing a ``triton_kernel_wrapper_functional`` only works when the mutated tensor IS a
   graph input (torch 2.11 refuses any view of an input; 2.13 accepts views for aten
-  inplaceable ops only), so the kernel takes the cache *base* and an element offset
-  (``k_off``/``v_off``): the halves of one ``kv_cache[2, ...]`` are one base, passed once
-  (``V_IN_K_BASE``), since two mutated args on one storage would get one of them cloned;
+  inplaceable ops only), so the kernel takes the cache *base* and a static element offset
+  (constexprs ``K_OFF``/``V_OFF``): the halves of one ``kv_cache[2, ...]`` are one base,
+  passed once (``V_IN_K_BASE``), since two mutated args on one storage would get one of them
+  cloned;
 * a ``uint8`` cache holding fp8 bytes cannot be re-viewed in the graph (the view would be
   cloned too): the trampoline bitcasts the pointer (``CACHE_FP8``);
 * Inductor types Python float kernel args as fp64 (``config._use_fp64_for_unbacked_floats``,
@@ -98,7 +99,7 @@ def fused_qkv_inductor_kernel(
     q_w, k_w,
     cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
     q_out, k_out, v_out, g_out,
-    k_base, v_base, k_off, v_off, slot_ptr, block_size, num_slots,
+    k_base, v_base, slot_ptr, block_size, num_slots,
     kc_blk, kc_slot, kc_head, vc_blk, vc_slot, vc_head,
     k_scale, v_scale, T,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
@@ -113,6 +114,7 @@ def fused_qkv_inductor_kernel(
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
     SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr, BIG_INT32_BELOW: tl.constexpr,
+    K_OFF: tl.constexpr, V_OFF: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset).
 
@@ -120,12 +122,20 @@ def fused_qkv_inductor_kernel(
     ``BIG_BLOCK_T`` tokens, with late loads, and int32 offsets below ``BIG_INT32_BELOW``
     (worked out from the tensors' static spans), int64 from there (the grid shrinks to
     match, see ``_grid_x``); below ``SWITCH_T``, the given tiles.  Uniform branches, so one
-    graph runs the small-T tiles for decode and the large-T ones for long prefills."""
-    k_cache = k_base + k_off
+    graph runs the small-T tiles for decode and the large-T ones for long prefills.
+
+    Registers (sm_90, ``benchmarks/sass_stats.py``-style compiles, Qwen3-8B): the op's own
+    kernel at T=65536 takes 40 a thread.  The trampoline took 44, i.e. 48 once rounded to the
+    allocation unit, one block less a multiprocessor: runtime cache offsets kept both cache
+    pointers in registers for the whole kernel, and the int64 copy placed after the int32
+    one cost as much again.  Constexpr offsets and the int64 copy first: 40."""
+    # base + a constant: folded into the stores' addresses (0 for a cache that is its own
+    # graph input)
+    k_cache = k_base + K_OFF
     if V_IN_K_BASE:  # K and V halves of one tensor: one mutated argument
-        v_cache = k_base + v_off
+        v_cache = k_base + V_OFF
     else:
-        v_cache = v_base + v_off
+        v_cache = v_base + V_OFF
     if CACHE_FP8 == 1:  # uint8 storage holding float8_e4m3fn
         k_cache = k_cache.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
         v_cache = v_cache.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
@@ -134,46 +144,45 @@ def fused_qkv_inductor_kernel(
         v_cache = v_cache.to(tl.pointer_type(tl.float8e5), bitcast=True)
     if SWITCH_T > 0:
         if T >= SWITCH_T:  # the same call as below but for its tile and offset constexprs
-            if BIG_INT32_BELOW > SWITCH_T:  # int32 offsets still fit below this T
-                if T < BIG_INT32_BELOW:
-                    fused_qkv_kernel(
-                        q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
-                        k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
-                        k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
-                        cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
-                        sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows, q_out=q_out,
-                        k_out=k_out, v_out=v_out, g_out=g_out, k_cache=k_cache, v_cache=v_cache,
-                        slot_ptr=slot_ptr, block_size=block_size, num_slots=num_slots,
-                        kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head, vc_blk=vc_blk,
-                        vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale, v_scale=v_scale, T=T,
-                        HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE, HAS_NORM=HAS_NORM, HAS_QW=HAS_QW,
-                        HAS_KW=HAS_KW, IS_NEOX=IS_NEOX, EXPANDED=EXPANDED, HAS_POS=HAS_POS,
-                        HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS,
-                        HAS_VS=HAS_VS, FP8_MAX=FP8_MAX, WRITE_Q=WRITE_Q, WRITE_K=WRITE_K,
-                        WRITE_V=WRITE_V, WRITE_G=WRITE_G, NQB=NQB, NKB=NKB, NVB=NVB,
-                        BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-                        BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=False,
-                        ROW_TAIL=ROW_TAIL, IDX64=False, INTERP=INTERP, PDL=False,
-                    )
-                    return
+            if T >= BIG_INT32_BELOW:  # int64 offsets (0: they never fit int32)
+                fused_qkv_kernel(
+                    q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
+                    k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
+                    k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+                    cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
+                    sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows,
+                    q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
+                    k_cache=k_cache, v_cache=v_cache, slot_ptr=slot_ptr, block_size=block_size,
+                    num_slots=num_slots, kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head,
+                    vc_blk=vc_blk, vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale,
+                    v_scale=v_scale, T=T, HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE,
+                    HAS_NORM=HAS_NORM, HAS_QW=HAS_QW, HAS_KW=HAS_KW, IS_NEOX=IS_NEOX,
+                    EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG,
+                    IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
+                    WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
+                    NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H,
+                    BLOCK_D=BLOCK_D, BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS,
+                    EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP, PDL=False,
+                )
+                return
             fused_qkv_kernel(
                 q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
                 k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
                 k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
                 cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
-                sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows,
-                q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
-                k_cache=k_cache, v_cache=v_cache, slot_ptr=slot_ptr, block_size=block_size,
-                num_slots=num_slots, kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head,
-                vc_blk=vc_blk, vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale,
-                v_scale=v_scale, T=T, HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE,
-                HAS_NORM=HAS_NORM, HAS_QW=HAS_QW, HAS_KW=HAS_KW, IS_NEOX=IS_NEOX,
-                EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG,
-                IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
-                WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
-                NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H,
-                BLOCK_D=BLOCK_D, BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS,
-                EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP, PDL=False,
+                sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows, q_out=q_out,
+                k_out=k_out, v_out=v_out, g_out=g_out, k_cache=k_cache, v_cache=v_cache,
+                slot_ptr=slot_ptr, block_size=block_size, num_slots=num_slots,
+                kc_blk=kc_blk, kc_slot=kc_slot, kc_head=kc_head, vc_blk=vc_blk,
+                vc_slot=vc_slot, vc_head=vc_head, k_scale=k_scale, v_scale=v_scale, T=T,
+                HQ=HQ, HKV=HKV, D=D, R=R, GATE=GATE, HAS_NORM=HAS_NORM, HAS_QW=HAS_QW,
+                HAS_KW=HAS_KW, IS_NEOX=IS_NEOX, EXPANDED=EXPANDED, HAS_POS=HAS_POS,
+                HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG, IS_FP8=IS_FP8, HAS_KS=HAS_KS,
+                HAS_VS=HAS_VS, FP8_MAX=FP8_MAX, WRITE_Q=WRITE_Q, WRITE_K=WRITE_K,
+                WRITE_V=WRITE_V, WRITE_G=WRITE_G, NQB=NQB, NKB=NKB, NVB=NVB,
+                BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+                BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS, EARLY=False,
+                ROW_TAIL=ROW_TAIL, IDX64=False, INTERP=INTERP, PDL=False,
             )
             return
     fused_qkv_kernel(
@@ -263,11 +272,13 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T, ``"auto"``: the
     choice for T = 32 (one token a program, T x head-tiles programs; a whole-row tail tile
-    when the unrotated tail is not a power of two) below T = 1024 (T = 256 with many heads a
-    token, e.g. GLM-4.5, where launch() changes tiles there too), and from there the same
-    head tiles with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
+    when the unrotated tail is not a power of two) below T = 1024 (T = 256 with 64 or more
+    heads a token, e.g. GLM-4.5, where launch() changes tiles there too; launch() also does
+    at D = 256, where the switch stays at 1024, untimed), and from there the same head tiles
+    and warps with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
     H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
-    against 1.83 us at T = 1 if used there), late loads and int64 offsets.  ``"decode"``: the
+    against 1.83 us at T = 1 if used there), late loads, and int32 offsets up to the bound
+    ``_offset_widths`` works out, int64 from there.  ``"decode"``: the
     T = 32 tiles for every T, ``"prefill"``: the T = 1024 ones for every T, both with late
     loads (EARLY off: early loads gain ~0.1 us at small T but cost up to 14% at large T).
     (Triton autotuning would not do this: Inductor benchmarks a user kernel's configs once, at
@@ -288,8 +299,9 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
         return Plan(tiles)
     # From the switch: 16 elements a thread (2 tokens for the benchmark shapes), or still one
     # token when a row of head tiles already has that many (D = 256 with 8 KV heads), late
-    # loads and int64 offsets either way.  Many heads a token (GLM-4.5): from T = 256, where
-    # launch() takes the same tile (2 tokens of 8 heads, 4 warps) for static T.
+    # loads either way.  Many heads a token: from T = 256, as launch() (for GLM-4.5 the same
+    # tile, 2 tokens of 8 heads on 4 warps; at D = 64 launch() takes 4 tokens on 4 warps,
+    # this branch 2 tokens on the small-T tile's 2 warps).
     c = tiles.constexprs
     row = c["BLOCK_H"] * c["BLOCK_D"]
     switch = SWITCH_T
@@ -321,7 +333,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         table_rows=scalars["table_rows"],
         q_out=opt(outs["q_out"]), k_out=opt(outs["k_out"]), v_out=opt(outs["v_out"]),
         g_out=opt(outs["g_out"]),
-        k_base=k_base, v_base=v_base, k_off=k_off, v_off=v_off,
+        k_base=k_base, v_base=v_base,
         slot_ptr=opt(a["slot_mapping"]), block_size=geom["block_size"],
         num_slots=geom["num_slots"], kc_blk=geom["kc_blk"], kc_slot=geom["kc_slot"],
         kc_head=geom["kc_head"], vc_blk=geom["vc_blk"], vc_slot=geom["vc_slot"],
@@ -342,7 +354,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
         V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
         SWITCH_T=launch.switch_t, BIG_BLOCK_T=launch.big_block_t,
-        BIG_INT32_BELOW=launch.big_int32_below,
+        BIG_INT32_BELOW=launch.big_int32_below, K_OFF=k_off, V_OFF=v_off,
     )
     assert list(kw) == list(fused_qkv_inductor_kernel.arg_names), "kwargs out of sync"
     return kw
@@ -682,9 +694,9 @@ def describe(node: Node) -> str:
     tile = ",".join(f"{n}={int(kw[n])}" for n in ("BLOCK_T", "BLOCK_H", "PAIRS", "EARLY",
                                                    "ROW_TAIL", "IDX64"))
     if kw["SWITCH_T"]:
-        tile += f" from T>={kw['SWITCH_T']}: BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=1"
-        if kw["BIG_INT32_BELOW"]:
-            tile += f" from T>={kw['BIG_INT32_BELOW']} (0 below)"
+        below = kw["BIG_INT32_BELOW"]
+        tile += (f" from T>={kw['SWITCH_T']}: BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=" +
+                 (f"0 below T={below} else 1" if below else "1"))
     return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
             f"tile={tile} mutates={list(node.kwargs['tensors_to_clone'])}")
 

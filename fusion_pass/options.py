@@ -21,9 +21,9 @@ class FusionOptions:
             (``torch.ops.fused_qkv.*``) instead.  The report's ``op`` says which was used.
         dynamic_tiles: the kernel's tiles where the token count is dynamic and Inductor
             launches the kernel (compiled once for every T): ``"auto"`` (default) one token
-            a program below T = 1024 (T = 256 for GLM-4.5-like shapes, 112 heads a token),
-            and from there 16 elements a thread (2 tokens for Qwen3 / GLM-4.5 shapes) with
-            late loads (a uniform branch in the kernel; the grid
+            a program below T = 1024 (T = 256 with 64 or more heads a token, GLM-4.5), and
+            from there 16 elements a thread (2 tokens for Qwen3 / GLM-4.5 shapes) with late
+            loads (a uniform branch in the kernel; the grid
             follows T), ``"decode"`` the small-T tiles for every T, ``"prefill"`` the
             T >= 1024 tiles for every T.  On an H200, Qwen3-Next's compiled chain at
             T = 65536 takes ~400 us with "decode", ~355 with "auto", ~340 with "prefill",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -562,7 +563,9 @@ _FAST_LAUNCH = True  # False: every launch through fused_qkv_kernel[grid] (profi
 # (GLM-4.5 T=64: 2.18 against 2.43 us) and up to -1.3% at T = 65536.
 _INDEX32 = True
 # Programmatic dependent launch for eager launches on sm_90+: the kernel may start while the
-# previous kernel on the stream finishes (it waits for it before touching memory).
+# previous kernel on the stream finishes (it waits for it before touching memory).  Off: it
+# only paid back to back with itself (benchmarks/pdl_bench.py).  Read when a BoundLaunch is
+# built (a FusedQKVLayer keeps its first one).
 _PDL = False
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
@@ -570,9 +573,10 @@ _launcher: Optional[CachedLauncher] = None
 
 @functools.lru_cache(maxsize=None)
 def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or more
-    (Hopper) and a Triton with grid dependency control."""
+    """Programmatic dependent launch needs an NVIDIA device of compute capability 9.0 or more
+    (Hopper), a Triton with grid dependency control, and no interpreter (it has none)."""
     return (device.type == "cuda" and gdc_wait is not None and torch.version.cuda is not None
+            and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 

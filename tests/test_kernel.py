@@ -258,7 +258,9 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
     torch.manual_seed(zlib.crc32(str(case).encode()) + 2)
     check_case(case, "cuda")
-    want = torch.cuda.get_device_capability()[0] >= 9  # sm_90+ only
+    want = triton_kernel._pdl_ok(torch.device("cuda", torch.cuda.current_device()))
+    assert want == (torch.version.cuda is not None and
+                    torch.cuda.get_device_capability()[0] >= 9)  # on for sm_90+ (NVIDIA)
     assert seen == [(want, want)]
 
 
