@@ -114,7 +114,8 @@ BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warp
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
 # the tail); --forms all for every form.
 CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "view_dyn_switch_int64",
-              "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static", "view_dyn_block_t2",
+              "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static",
+              "view_dyn_block_t2",
               "hf_static", "hnd", "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80",
               "view_dyn_cache", "d256_kv8_dyn_switch", "many_heads_dyn"]
 LAUNCH_RE = re.compile(r"fused_qkv_inductor_kernel_\d+\.run\(")
