@@ -34,6 +34,9 @@ SHAPES = {
     "glm-4.5": (96, 8, 128, 64, False, "bf16"),
 }
 TOKENS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
+# One cache size for every T (an engine allocates its caches once): a cache that grew with T
+# made Dynamo recompile the compiled columns with a symbolic cache size at the largest T.
+CACHE_SLOTS = 2 * max(TOKENS)
 
 
 @torch.library.custom_op("bench::write_cache", mutates_args=("key_cache", "value_cache"))
@@ -159,7 +162,7 @@ def make_inputs(name, t, hnd, dev="cuda"):
     cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
     pos = torch.randint(0, cos_sin.shape[0], (t,), device=dev)
     bs = 16
-    nb = max(2 * t, 65536) // bs
+    nb = max(2 * t, CACHE_SLOTS) // bs
     cdtype = torch.float8_e4m3fn if cdt == "fp8" else torch.bfloat16
     shape = (nb, hkv, bs, d) if hnd else (nb, bs, hkv, d)
     kc = torch.randn(shape, device=dev).to(cdtype)
