@@ -6,7 +6,7 @@ The kernel has no loops, so a static count per region is what one program execut
 to compare kernel variants before spending device time on them.
 
     PYTHONPATH=. python benchmarks/sass_stats.py qwen3-next 65536 [no-gate] [--tile 4,2,4,0,0]
-        [--int64]
+        [--int64] [--trampoline]
 """
 from __future__ import annotations
 
@@ -74,6 +74,40 @@ def compile_sm90(args, consts, num_warps):
                           options=options.__dict__)
 
 
+def trampoline_args(shape: str, args, consts) -> tuple[dict, int]:
+    """(kwargs, num_warps) of ``fused_qkv_inductor_kernel`` as the pass launches it for a
+    dynamic T (the plan of ``inductor_launch.plan``, the caches as their own bases), built from
+    the op's captured launch; T is odd, as Inductor gives a symbolic T no divisibility."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch as il
+    rt = [n for n in triton_kernel.fused_qkv_kernel.arg_names
+          if n not in triton_kernel._CONST_NAMES]
+    a, c = dict(zip(rt, args)), dict(zip(triton_kernel._CONST_NAMES, consts))
+    hq, hkv, d, r, gated, _ = bench_op.SHAPES[shape]
+    p = il.plan(ShapeEnv().create_unbacked_symint(), hq=hq, hkv=hkv, d=d, rotary_dim=r,
+                write_q=True, run_k=True, run_v=True, write_gate=c["WRITE_G"])
+    kw = {k: v for k, v in a.items() if k not in ("eps", "w_off", "k_cache", "v_cache")}
+    kw.update(c)
+    kw.update(p.tiles.constexprs)
+    kw.update(k_base=a["k_cache"], v_base=a["v_cache"], T=a["T"] | 1)
+    kw.update(IDX64=False, PDL=False, EPS=a["eps"], W_OFF=a["w_off"], V_IN_K_BASE=False,
+              CACHE_FP8=0, SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t,
+              BIG_INT32_BELOW=1 << 20, K_OFF=0, V_OFF=0)
+    return kw, p.tiles.num_warps
+
+
+def compile_trampoline(kw: dict, num_warps: int):
+    from fusion_pass.inductor_launch import fused_qkv_inductor_kernel as fn
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(**kw, num_warps=num_warps)
+    options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
+                                                          bound, spec, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
+
+
 def registers(cubin: bytes) -> int:
     """Registers per thread, from cuobjdump's resource usage (n_regs needs a loaded kernel)."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -113,6 +147,8 @@ def main():
     ap.add_argument("--int64", action="store_true",
                     help="int64 element offsets (triton_kernel._INDEX32 off; by default int32 "
                     "ones where they fit)")
+    ap.add_argument("--trampoline", action="store_true",
+                    help="also the Inductor launch's kernel for a dynamic T (all its branches)")
     a = ap.parse_args()
     if a.int64:
         triton_kernel._INDEX32 = False
@@ -124,6 +160,10 @@ def main():
     print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} "
           f"idx64={int(idx64)}:",
           " ".join(f"{n}={v}" for n, v in stats(k).items()))
+    if a.trampoline:
+        kw, tw = trampoline_args(a.shape, args, consts)
+        print(f"{a.shape} trampoline (dynamic T) warps={tw}:",
+              " ".join(f"{n}={v}" for n, v in stats(compile_trampoline(kw, tw)).items()))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
         for ext in ("ttgir", "ptx", "sass"):
