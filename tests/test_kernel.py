@@ -424,6 +424,40 @@ def test_large_t_branch_keeps_int32_offsets_up_to_the_exact_bound(monkeypatch):
     assert got.idx64 and got.big_int32_below == 0
 
 
+def test_int32_bound_counts_per_token_tables_and_big_caches():
+    """Hugging Face tables have one row per token (first dim the symbolic T): their span grows
+    with T and can set the bound; a cache of 2^31 elements never fits int32 (bound 0)."""
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch as il
+    from kernels import triton_kernel as tk
+    hq, hkv, d = 32, 8, 128
+    w, row = (hq + 2 * hkv) * d, 8192  # a table row wider than a qkv row
+    env = ShapeEnv()
+    t_sym = env.create_unbacked_symint()
+    with FakeTensorMode(shape_env=env):
+        qkv = torch.empty(t_sym, w, dtype=torch.bfloat16)
+        cos = torch.empty(t_sym, row)[:, :64]
+        cache = torch.empty(4096, 16, hkv, d, dtype=torch.bfloat16)
+        big = torch.empty(1 << 17, 16, hkv, d, dtype=torch.bfloat16)
+    a = dict(q_src=qkv, k_src=qkv, v_src=qkv, cos=cos, sin=cos, num_q_heads=hq,
+             num_kv_heads=hkv, head_dim=d)
+    launch = il.plan(t_sym, hq=hq, hkv=hkv, d=d, rotary_dim=128, write_q=True, run_k=True,
+                     run_v=True, write_gate=False)
+    bound = il._offset_widths(a, dict(base=cache), dict(base=cache), t_sym,
+                              launch).big_int32_below
+
+    def needs64(t):
+        srcs = [((t - 1) * w + w, w)]
+        return tk.needs_int64_spans(t, launch.big_block_t, srcs, hq * d,
+                                    max(cache.numel(), (t - 1) * row + 64))
+    assert launch.switch_t < bound < (1 << 30) // w  # the table, not the sources, sets it
+    assert not needs64(bound - 1) and needs64(bound)
+    got = il._offset_widths(a, dict(base=big), dict(base=big), t_sym, launch)
+    assert got.idx64 and got.big_int32_below == 0
+
+
 def test_early_loads_only_for_static_small_t():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
