@@ -62,43 +62,8 @@ def capture(name: str, t: int, gate: bool):
     return grid, args, consts, warps
 
 
-def compile_sm90(args, consts, num_warps):
-    fn = triton_kernel.fused_qkv_kernel
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kw = dict(zip(triton_kernel._CONST_NAMES, consts))
-    bound, spec, options = binder(*args, **kw, num_warps=num_warps)
-    options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
-                                                          bound, spec, options)
-    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                          options=options.__dict__)
-
-
-def trampoline_args(shape: str, args, consts) -> tuple[dict, int]:
-    """(kwargs, num_warps) of ``fused_qkv_inductor_kernel`` as the pass launches it for a
-    dynamic T (the plan of ``inductor_launch.plan``, the caches as their own bases), built from
-    the op's captured launch; T is odd, as Inductor gives a symbolic T no divisibility."""
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    from fusion_pass import inductor_launch as il
-    rt = [n for n in triton_kernel.fused_qkv_kernel.arg_names
-          if n not in triton_kernel._CONST_NAMES]
-    a, c = dict(zip(rt, args)), dict(zip(triton_kernel._CONST_NAMES, consts))
-    hq, hkv, d, r, gated, _ = bench_op.SHAPES[shape]
-    p = il.plan(ShapeEnv().create_unbacked_symint(), hq=hq, hkv=hkv, d=d, rotary_dim=r,
-                write_q=True, run_k=True, run_v=True, write_gate=c["WRITE_G"])
-    kw = {k: v for k, v in a.items() if k not in ("eps", "w_off", "k_cache", "v_cache")}
-    kw.update(c)
-    kw.update(p.tiles.constexprs)
-    kw.update(k_base=a["k_cache"], v_base=a["v_cache"], T=a["T"] | 1)
-    kw.update(IDX64=False, PDL=False, EPS=a["eps"], W_OFF=a["w_off"], V_IN_K_BASE=False,
-              CACHE_FP8=0, SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t,
-              BIG_INT32_BELOW=1 << 20, K_OFF=0, V_OFF=0)
-    return kw, p.tiles.num_warps
-
-
-def compile_trampoline(kw: dict, num_warps: int):
-    from fusion_pass.inductor_launch import fused_qkv_inductor_kernel as fn
+def compile_sm90(fn, kw: dict, num_warps: int):
+    """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(**kw, num_warps=num_warps)
@@ -106,6 +71,34 @@ def compile_trampoline(kw: dict, num_warps: int):
                                                           bound, spec, options)
     return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                           options=options.__dict__)
+
+
+def op_args(args, consts) -> dict:
+    """The captured launch's arguments by name."""
+    fn = triton_kernel.fused_qkv_kernel
+    rt = [n for n in fn.arg_names if n not in triton_kernel._CONST_NAMES]
+    return {**dict(zip(rt, args)), **dict(zip(triton_kernel._CONST_NAMES, consts))}
+
+
+def trampoline_args(shape: str, op: dict) -> tuple[dict, int]:
+    """(kwargs, num_warps) of ``fused_qkv_inductor_kernel`` as the pass launches it for a
+    dynamic T (the plan of ``inductor_launch.plan``, the caches as their own bases), built from
+    the op's captured launch (``op_args``); T is odd, as Inductor gives a symbolic T no
+    divisibility."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fusion_pass import inductor_launch as il
+    hq, hkv, d, r, gated, _ = bench_op.SHAPES[shape]
+    p = il.plan(ShapeEnv().create_unbacked_symint(), hq=hq, hkv=hkv, d=d, rotary_dim=r,
+                write_q=True, run_k=True, run_v=True, write_gate=op["WRITE_G"])
+    kw = {k: v for k, v in op.items() if k not in ("eps", "w_off", "k_cache", "v_cache")}
+    kw.update(p.tiles.constexprs)
+    # any int32 bound past the switch: both large-T copies of the call are compiled
+    kw.update(k_base=op["k_cache"], v_base=op["v_cache"], T=op["T"] | 1, IDX64=False,
+              PDL=False, EPS=op["eps"], W_OFF=op["w_off"], V_IN_K_BASE=False, CACHE_FP8=0,
+              SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t, BIG_INT32_BELOW=1 << 20,
+              K_OFF=0, V_OFF=0)
+    return kw, p.tiles.num_warps
 
 
 def registers(cubin: bytes) -> int:
@@ -155,15 +148,17 @@ def main():
     if a.tile:
         triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
-    k = compile_sm90(args, consts, warps)
-    idx64 = dict(zip(triton_kernel._CONST_NAMES, consts))["IDX64"]
+    op = op_args(args, consts)
+    k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps)
     print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} "
-          f"idx64={int(idx64)}:",
+          f"idx64={int(op['IDX64'])}:",
           " ".join(f"{n}={v}" for n, v in stats(k).items()))
     if a.trampoline:
-        kw, tw = trampoline_args(a.shape, args, consts)
+        from fusion_pass.inductor_launch import fused_qkv_inductor_kernel
+        kw, tw = trampoline_args(a.shape, op)
+        tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw)
         print(f"{a.shape} trampoline (dynamic T) warps={tw}:",
-              " ".join(f"{n}={v}" for n, v in stats(compile_trampoline(kw, tw)).items()))
+              " ".join(f"{n}={v}" for n, v in stats(tk).items()))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
         for ext in ("ttgir", "ptx", "sass"):

@@ -278,9 +278,9 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     and warps with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
     H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
     against 1.83 us at T = 1 if used there), late loads, and int32 offsets up to the bound
-    ``_offset_widths`` works out, int64 from there.  ``"decode"``: the
-    T = 32 tiles for every T, ``"prefill"``: the T = 1024 ones for every T, both with late
-    loads (EARLY off: early loads gain ~0.1 us at small T but cost up to 14% at large T).
+    ``_offset_widths`` works out, int64 from there.  ``"decode"``: the T = 32 tiles for
+    every T, ``"prefill"``: the T = 1024 ones for every T, both with late loads (EARLY off:
+    early loads gain ~0.1 us at small T but cost up to 14% at large T).
     (Triton autotuning would not do this: Inductor benchmarks a user kernel's configs once, at
     the first call, and keeps the winner for every later T.)"""
     static_t = isinstance(T, int)

@@ -23,12 +23,11 @@ class FusionOptions:
             launches the kernel (compiled once for every T): ``"auto"`` (default) one token
             a program below T = 1024 (T = 256 with 64 or more heads a token, GLM-4.5), and
             from there 16 elements a thread (2 tokens for Qwen3 / GLM-4.5 shapes) with late
-            loads (a uniform branch in the kernel; the grid
-            follows T), ``"decode"`` the small-T tiles for every T, ``"prefill"`` the
-            T >= 1024 tiles for every T.  On an H200, Qwen3-Next's compiled chain at
-            T = 65536 takes ~400 us with "decode", ~355 with "auto", ~340 with "prefill",
-            which costs 2.14 against 1.91 us at T = 1.  Static T always gets the tiles for
-            its T.
+            loads (a uniform branch in the kernel; the grid follows T), ``"decode"`` the
+            small-T tiles for every T, ``"prefill"`` the T >= 1024 tiles for every T.  On an
+            H200, Qwen3-Next's compiled chain at T = 65536 takes ~400 us with "decode", ~355
+            with "auto", ~340 with "prefill", which costs 2.14 against 1.91 us at T = 1.
+            Static T always gets the tiles for its T.
     """
 
     allow_cpu: bool = False

@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 
 from .fast_launch import CachedLauncher, _is_constexpr
+from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 try:  # grid dependency control (Triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - an older Triton: PDL stays off (_pdl_ok)
     gdc_launch_dependents = gdc_wait = None
-from .op_schema import GATE_NONE, cache_geometry, fp8_dtype_of
 
 
 @triton.jit

@@ -58,9 +58,9 @@ def _bits(cache: torch.Tensor, layout: int) -> torch.Tensor:
     return x if layout == LAYOUT_NHD else x.transpose(1, 2)
 
 
-def index32_choices(monkeypatch, on: bool = True) -> list:
-    """Turn int32 offsets on or off (``triton_kernel._INDEX32``) and record, launch by launch,
-    the ``IDX64`` constexpr the kernel was launched with (False: int32 offsets)."""
+def record_launches(monkeypatch, pick) -> list:
+    """Launch through the cached launcher (``_FAST_LAUNCH``) and record, launch by launch,
+    ``pick(constexprs by name, launch_pdl)``."""
     from kernels import triton_kernel
     seen = []
     real = triton_kernel._cached_launcher
@@ -69,14 +69,21 @@ def index32_choices(monkeypatch, on: bool = True) -> list:
         launcher = real()
 
         def call(grid, args, consts, num_warps, launch_pdl=False):
-            seen.append(dict(zip(triton_kernel._CONST_NAMES, consts))["IDX64"])
+            seen.append(pick(dict(zip(triton_kernel._CONST_NAMES, consts)), launch_pdl))
             return launcher(grid, args, consts, num_warps, launch_pdl)
         return call
 
-    monkeypatch.setattr(triton_kernel, "_INDEX32", on)
     monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
     monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
     return seen
+
+
+def index32_choices(monkeypatch, on: bool = True) -> list:
+    """Turn int32 offsets on or off (``triton_kernel._INDEX32``) and record, launch by launch,
+    the ``IDX64`` constexpr the kernel was launched with (False: int32 offsets)."""
+    from kernels import triton_kernel
+    monkeypatch.setattr(triton_kernel, "_INDEX32", on)
+    return record_launches(monkeypatch, lambda consts, pdl: consts["IDX64"])
 
 
 def check_case(case: Case, device: str = "cpu") -> None:

@@ -8,7 +8,7 @@ from kernels.op_schema import LAYOUT_HND, LAYOUT_NHD
 
 from .cases import Case
 from .conftest import DEVICES
-from .kernel_check import check_case, index32_choices
+from .kernel_check import check_case, index32_choices, record_launches
 
 # Each entry: (id, Case).  Small shapes; T=1, odd T, GQA and MHA, D = 64/80/128/256.
 CASES = [
@@ -242,20 +242,8 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     back-to-back replays of the op itself, benchmarks/pdl_bench.py): launched with it, the
     kernel still matches the reference."""
     from kernels import triton_kernel
-    seen = []
-    real = triton_kernel._cached_launcher
-
-    def spy():
-        launcher = real()
-
-        def call(grid, args, consts, num_warps, launch_pdl=False):
-            seen.append((launch_pdl, dict(zip(triton_kernel._CONST_NAMES, consts))["PDL"]))
-            return launcher(grid, args, consts, num_warps, launch_pdl)
-        return call
-
     monkeypatch.setattr(triton_kernel, "_PDL", True)
-    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    seen = record_launches(monkeypatch, lambda consts, pdl: (pdl, consts["PDL"]))
     torch.manual_seed(zlib.crc32(str(case).encode()) + 2)
     check_case(case, "cuda")
     want = triton_kernel._pdl_ok(torch.device("cuda", torch.cuda.current_device()))
@@ -264,25 +252,31 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     assert seen == [(want, want)]
 
 
-def test_idx64_off_compiles_to_int32_index_math():
-    """The sm_90 compile (benchmarks/sass_stats.py, no GPU needed) of a launch with int32
-    offsets has next to no 64-bit integer arithmetic left; with int64 ones, dozens: the
-    kernel obeys IDX64 (the reference comparisons above pass either way)."""
+def _sass_stats(*argv: str) -> str:
+    """stdout of ``benchmarks/sass_stats.py *argv``: an sm_90 compile, no GPU needed (the
+    kernel is the real JIT function: no TRITON_INTERPRET in the child)."""
     import os
-    import re
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    p = subprocess.run([sys.executable, "benchmarks/sass_stats.py", *argv], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_idx64_off_compiles_to_int32_index_math():
+    """The sm_90 compile (benchmarks/sass_stats.py, no GPU needed) of a launch with int32
+    offsets has next to no 64-bit integer arithmetic left; with int64 ones, dozens: the
+    kernel obeys IDX64 (the reference comparisons above pass either way)."""
+    import re
     got = {}
     for flag in ("--int64", ""):
-        p = subprocess.run([sys.executable, "benchmarks/sass_stats.py", "qwen3-8b", "64"] +
-                           ([flag] if flag else []), cwd=root, env=env, capture_output=True,
-                           text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        m = re.search(r"idx64=(\d): .*i64_ops=(\d+)", p.stdout)
-        assert m, p.stdout
+        out = _sass_stats("qwen3-8b", "64", *([flag] if flag else []))
+        m = re.search(r"idx64=(\d): .*i64_ops=(\d+)", out)
+        assert m, out
         got[flag] = int(m.group(1)), int(m.group(2))
     (idx_on, ops_on), (idx_off, ops_off) = got["--int64"], got[""]
     assert (idx_on, idx_off) == (1, 0)
@@ -294,21 +288,12 @@ def test_inductor_trampoline_takes_no_more_registers_than_the_op():
     and large-T branches, int32 and int64 copies) takes no more registers a thread than the
     op's own kernel at T=65536, Qwen3-8B.  It took 44 against 40 (48 once allocated: one block
     less a multiprocessor, 7% slower at T=16384 on an H200) with runtime cache offsets."""
-    import os
     import re
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
-    p = subprocess.run([sys.executable, "benchmarks/sass_stats.py", "qwen3-8b", "65536",
-                        "--trampoline"], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    regs = [int(x) for x in re.findall(r": regs=(\d+) ", p.stdout)]
-    assert len(regs) == 2, p.stdout
+    out = _sass_stats("qwen3-8b", "65536", "--trampoline")
+    regs = [int(x) for x in re.findall(r": regs=(\d+) ", out)]
+    assert len(regs) == 2, out
     op, trampoline = regs
-    assert trampoline <= op, p.stdout
+    assert trampoline <= op, out
 
 
 def test_int64_slot_past_2_31_is_skipped_with_int32_offsets(monkeypatch):
@@ -382,7 +367,7 @@ def test_bound_launch_constexpr_values_by_name():
 def test_auto_switches_even_without_bigger_tiles():
     """D=256 with 8 KV heads (Gemma-like): a row of head tiles already holds 16 elements a
     thread, so from T=1024 a program keeps one token, but the switch still turns the early
-    loads off and the offsets to int64 there (the small-T branch may then use int32)."""
+    loads off there."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from fusion_pass import inductor_launch
