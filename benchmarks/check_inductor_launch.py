@@ -80,6 +80,10 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     "view_dyn_switch": (dict(S=9), True),  # T = 18: 3 tiles of 8 tokens, the last partial
     # the same with int32 offsets off (INDEX32_OVERRIDE): the large-T branch's int64 copy
     "view_dyn_switch_int64": (dict(S=9), True),
+    # the same with the int32 bound lowered to T = 10 (INT32_CAP_OVERRIDE): the large-T
+    # branch's int64 copy, which takes the small-T tile's one token a program (a third grid
+    # step)
+    "view_dyn_switch_wide": (dict(S=9), True),
     # the same where the large-T tile keeps one token (D = 256, 8 KV heads: 2048 elements a
     # row of head tiles): the switch only turns early loads off
     "d256_kv8_dyn_switch": (dict(d=256, hq=8, hkv=8), True),
@@ -98,15 +102,22 @@ FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,RO
                            "below T=",
                "view_dyn_switch": "from T>=4: BLOCK_T=8,EARLY=0,IDX64=0 below T=",
                "view_dyn_switch_int64": "IDX64=1 from T>=4: BLOCK_T=8,EARLY=0,IDX64=1 mutates",
+               "view_dyn_switch_wide": "from T>=4: BLOCK_T=8,EARLY=0,IDX64=0 below T=10 else "
+                                       "BLOCK_T=1,IDX64=1 mutates",
                "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0",
                "many_heads_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=256: BLOCK_T=2,EARLY=0"}
 # inductor_launch.SWITCH_T for the form
-SWITCH_OVERRIDE = {"view_dyn_switch": 4, "view_dyn_switch_int64": 4, "d256_kv8_dyn_switch": 4}
+SWITCH_OVERRIDE = {"view_dyn_switch": 4, "view_dyn_switch_int64": 4, "view_dyn_switch_wide": 4,
+                   "d256_kv8_dyn_switch": 4}
 INDEX32_OVERRIDE = {"view_dyn_switch_int64": False}  # triton_kernel._INDEX32 for the form
+INT32_CAP_OVERRIDE = {"view_dyn_switch_wide": 10}  # inductor_launch.INT32_BELOW_CAP
 # a regex the generated code of the form must match: the grid's step at the switch,
 # (2T) // (T + SWITCH_T) as sympy prints it (T = 2 s here, so the constant is halved)
 CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)",
                "view_dyn_switch_int64": r"\(2\*s\d+\) // \(2 \+ s\d+\)",
+               # both steps: at the switch and at the int32 bound (T + 10 = 2 (s + 5))
+               "view_dyn_switch_wide": r"(?s)(?=.*\(2\*s\d+\) // \(2 \+ s\d+\))"
+                                       r".*\(2\*s\d+\) // \(5 \+ s\d+\)",
                "many_heads_dyn": r"\(2\*s\d+\) // \(128 \+ s\d+\)"}
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
@@ -114,6 +125,7 @@ BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warp
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
 # the tail); --forms all for every form.
 CUDA_FORMS = ["view", "view_dyn", "view_dyn_switch", "view_dyn_switch_int64",
+              "view_dyn_switch_wide",
               "kv_halves_dyn", "uint8_fp8", "gpu_gated_fp8_d256", "no_cache_dyn", "big_t_static",
               "view_dyn_block_t2",
               "hf_static", "hnd", "kv_halves_negslot", "fp8", "gptj_partial", "fp32_d80",
@@ -185,8 +197,8 @@ def assert_launch_used(rep, name=None):
 
 @contextlib.contextmanager
 def block_override(name):
-    """The form's BLOCK_OVERRIDE tiles, SWITCH_OVERRIDE switch and INDEX32_OVERRIDE, while it
-    compiles and runs."""
+    """The form's BLOCK_OVERRIDE tiles, SWITCH_OVERRIDE switch, INDEX32_OVERRIDE and
+    INT32_CAP_OVERRIDE, while it compiles and runs."""
     from fusion_pass import inductor_launch
     from kernels import triton_kernel
 
@@ -196,12 +208,14 @@ def block_override(name):
         triton_kernel.set_block_override(cfg)
     inductor_launch.SWITCH_T = SWITCH_OVERRIDE.get(name, switch)
     triton_kernel._INDEX32 = INDEX32_OVERRIDE.get(name, index32)
+    inductor_launch.INT32_BELOW_CAP = INT32_CAP_OVERRIDE.get(name)
     try:
         yield
     finally:
         triton_kernel.set_block_override(None)
         inductor_launch.SWITCH_T = switch
         triton_kernel._INDEX32 = index32
+        inductor_launch.INT32_BELOW_CAP = None
 
 
 def build_case(name, device):

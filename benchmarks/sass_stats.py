@@ -97,7 +97,7 @@ def trampoline_args(shape: str, op: dict) -> tuple[dict, int]:
     kw.update(k_base=op["k_cache"], v_base=op["v_cache"], T=op["T"] | 1, IDX64=False,
               PDL=False, EPS=op["eps"], W_OFF=op["w_off"], V_IN_K_BASE=False, CACHE_FP8=0,
               SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t, BIG_INT32_BELOW=1 << 20,
-              K_OFF=0, V_OFF=0)
+              WIDE_BLOCK_T=p.tiles.block_t, K_OFF=0, V_OFF=0)
     return kw, p.tiles.num_warps
 
 

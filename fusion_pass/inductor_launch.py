@@ -114,21 +114,26 @@ def fused_qkv_inductor_kernel(
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
     EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
     SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr, BIG_INT32_BELOW: tl.constexpr,
-    K_OFF: tl.constexpr, V_OFF: tl.constexpr,
+    WIDE_BLOCK_T: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
 ):
     """``fused_qkv_kernel`` with the caches given as (graph-input base, element offset).
 
     ``SWITCH_T`` > 0 (a dynamic T): from ``T >= SWITCH_T`` on, each program takes
     ``BIG_BLOCK_T`` tokens, with late loads, and int32 offsets below ``BIG_INT32_BELOW``
-    (worked out from the tensors' static spans), int64 from there (the grid shrinks to
-    match, see ``_grid_x``); below ``SWITCH_T``, the given tiles.  Uniform branches, so one
-    graph runs the small-T tiles for decode and the large-T ones for long prefills.
+    (worked out from the tensors' static spans); from there int64 ones, ``WIDE_BLOCK_T``
+    tokens a program (the grid follows, see ``_grid_x``); below ``SWITCH_T``, the given tiles.
+    Uniform branches, so one graph runs the small-T tiles for decode and the large-T ones for
+    long prefills.
 
     Registers (sm_90, ``benchmarks/sass_stats.py``-style compiles, Qwen3-8B): the op's own
     kernel at T=65536 takes 40 a thread.  The trampoline took 44, i.e. 48 once rounded to the
     allocation unit, one block less a multiprocessor: runtime cache offsets kept both cache
     pointers in registers for the whole kernel, and the int64 copy placed after the int32
-    one cost as much again.  Constexpr offsets and the int64 copy first: 40."""
+    one cost as much again.  Constexpr offsets and the int64 copy first: 40.  A kernel takes
+    the registers of its hungriest branch: for GLM-4.5 and Qwen3-Next an int64 copy with the
+    large-T tile took 42 and 56 (the int32 one 40 and 48), so the int64 copy takes the
+    small-T tile's tokens (``WIDE_BLOCK_T``): 40 and 48.  It runs only past
+    ``BIG_INT32_BELOW``, 74,897 tokens for GLM-4.5 with the benchmark's caches."""
     # base + a constant: folded into the stores' addresses (0 for a cache that is its own
     # graph input)
     k_cache = k_base + K_OFF
@@ -160,7 +165,7 @@ def fused_qkv_inductor_kernel(
                     EXPANDED=EXPANDED, HAS_POS=HAS_POS, HAS_CACHE=HAS_CACHE, SKIP_NEG=SKIP_NEG,
                     IS_FP8=IS_FP8, HAS_KS=HAS_KS, HAS_VS=HAS_VS, FP8_MAX=FP8_MAX,
                     WRITE_Q=WRITE_Q, WRITE_K=WRITE_K, WRITE_V=WRITE_V, WRITE_G=WRITE_G,
-                    NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=BIG_BLOCK_T, BLOCK_H=BLOCK_H,
+                    NQB=NQB, NKB=NKB, NVB=NVB, BLOCK_T=WIDE_BLOCK_T, BLOCK_H=BLOCK_H,
                     BLOCK_D=BLOCK_D, BLOCK_HALF=BLOCK_HALF, BLOCK_TAIL=BLOCK_TAIL, PAIRS=PAIRS,
                     EARLY=False, ROW_TAIL=ROW_TAIL, IDX64=True, INTERP=INTERP, PDL=False,
                 )
@@ -250,6 +255,9 @@ def supported(device: torch.device) -> tuple[bool, str]:
 # Where a dynamic-T launch ("auto") switches to its large-T tiles: launch()'s own switch.
 # The CPU checks lower it to run the large-T branch at a few tokens (it is no pass option).
 SWITCH_T = _tk._T_LARGE
+# The CPU checks also lower the large-T branch's int32 bound (None: as the spans allow) to run
+# its int64 copy at a few tokens.
+INT32_BELOW_CAP: Optional[int] = None
 
 
 class Plan(NamedTuple):
@@ -257,12 +265,14 @@ class Plan(NamedTuple):
     from ``switch_t`` > 0 on (a dynamic T only) ``big_block_t`` tokens a program with the
     same head tiles and warps and late loads.  Offset widths (set by ``_build`` from the
     tensors' spans, see ``_offset_widths``): ``idx64``, the element offsets of ``tiles`` are
-    int64; the large-T branch takes int32 ones below ``big_int32_below``, int64 from there."""
+    int64; the large-T branch takes int32 ones below ``big_int32_below``, int64 from there,
+    with ``wide_block_t`` tokens a program."""
     tiles: _tk.TilePlan
     switch_t: int = 0
     big_block_t: int = 1
     idx64: bool = True
     big_int32_below: int = 0
+    wide_block_t: int = 1
 
 
 def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k: bool,
@@ -354,7 +364,8 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
         V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
         SWITCH_T=launch.switch_t, BIG_BLOCK_T=launch.big_block_t,
-        BIG_INT32_BELOW=launch.big_int32_below, K_OFF=k_off, V_OFF=v_off,
+        BIG_INT32_BELOW=launch.big_int32_below, WIDE_BLOCK_T=launch.wide_block_t,
+        K_OFF=k_off, V_OFF=v_off,
     )
     assert list(kw) == list(fused_qkv_inductor_kernel.arg_names), "kwargs out of sync"
     return kw
@@ -535,13 +546,17 @@ def _int32_fits(a: dict, kc: Optional[dict], vc: Optional[dict], T):
 def _offset_widths(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: Plan) -> Plan:
     """``launch`` with its offset widths: ``idx64`` for ``tiles`` (static T, or a dynamic T
     below ``switch_t``); ``big_int32_below``, the T up to which the large-T branch still
-    keeps int32 offsets (0: never).  Symbolic strides or sizes, int32 turned off
+    keeps int32 offsets (0: never), and ``wide_block_t``, the tokens a program of its int64
+    copy: the large-T tile's when that copy is the whole branch, else the small-T tile's
+    (fewer registers than the large-T tile with int64 offsets, which would bound the int32
+    copy's: see ``fused_qkv_inductor_kernel``).  Symbolic strides or sizes, int32 turned off
     (``triton_kernel._INDEX32``) and a dynamic T without a switch: int64."""
+    launch = launch._replace(wide_block_t=launch.big_block_t, big_int32_below=0)
     fits = _int32_fits(a, kc, vc, T) if _tk._INDEX32 else None
     if fits is None or (not isinstance(T, int) and not launch.switch_t):
-        return launch._replace(idx64=True, big_int32_below=0)
+        return launch._replace(idx64=True)
     t_max = T if isinstance(T, int) else launch.switch_t - 1
-    launch = launch._replace(idx64=not fits(t_max, launch.tiles.block_t), big_int32_below=0)
+    launch = launch._replace(idx64=not fits(t_max, launch.tiles.block_t))
     lo, big = launch.switch_t, launch.big_block_t
     if isinstance(T, int) or not fits(lo, big):
         return launch
@@ -549,30 +564,44 @@ def _offset_widths(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: P
     while hi - lo > 1:  # fits() is monotone in t: the largest t that fits is lo
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid, big) else (lo, mid)
-    return launch._replace(big_int32_below=lo + 1)
+    below = lo + 1 if INT32_BELOW_CAP is None else min(lo + 1, INT32_BELOW_CAP)
+    return launch._replace(big_int32_below=below, wide_block_t=launch.tiles.block_t)
+
+
+def _token_tiles(launch: Plan) -> list:
+    """[(first T, tokens a program)] of the kernel's branches, in T order: the small-T tiles
+    from T = 1; with a switch, the large-T int32 copy from ``switch_t`` (when its bound lies
+    past the switch) and the int64 copy from there or from ``big_int32_below``."""
+    tiles = [(1, launch.tiles.block_t)]
+    s, w = launch.switch_t, launch.big_int32_below
+    if s:
+        tiles += [(s, launch.big_block_t), (w, launch.wide_block_t)] if w > s else \
+            [(s, launch.wide_block_t)]
+    return tiles
 
 
 def _grid_x(b, t_arg, launch: Plan):
-    """Token tiles of the grid: cdiv(T, block_t); with a switch, cdiv(T, big_block_t) from
-    ``T >= switch_t`` on.  The step is ``(2T) // (T + switch_t)`` (0 below, 1 from there:
-    2T < T + S iff T < S, and 2T < 2(T + S) always), so the grid stays one integer
-    expression of T that Inductor's wrapper evaluates per call."""
-    bt = launch.tiles.block_t
+    """Token tiles of the grid: cdiv(T, tokens a program) of the branch T takes
+    (``_token_tiles``).  Each change of branch at T = S adds a step ``(2T) // (T + S)`` (0
+    below, 1 from there: 2T < T + S iff T < S, and 2T < 2(T + S) always) times the change,
+    so the grid stays one integer expression of T that Inductor's wrapper evaluates per
+    call."""
+    tiles = _token_tiles(launch)
     if isinstance(t_arg, int):
-        if launch.switch_t and t_arg >= launch.switch_t:
-            bt = launch.big_block_t
-        return triton.cdiv(t_arg, bt)
+        return triton.cdiv(t_arg, [bt for s, bt in tiles if t_arg >= s][-1])
 
     def op(f, x, y):
         return b.call(f, (x, y))
 
-    gx = t_arg if bt == 1 else op(operator.floordiv, op(operator.add, t_arg, bt - 1), bt)
-    if launch.switch_t and launch.big_block_t != bt:
-        big = launch.big_block_t
-        step = op(operator.floordiv, op(operator.mul, t_arg, 2),
-                  op(operator.add, t_arg, launch.switch_t))
-        fewer = op(operator.sub, gx, op(operator.floordiv, op(operator.add, t_arg, big - 1), big))
-        gx = op(operator.sub, gx, op(operator.mul, step, fewer))
+    def cdiv(bt):
+        return t_arg if bt == 1 else op(operator.floordiv, op(operator.add, t_arg, bt - 1), bt)
+
+    gx = cdiv(tiles[0][1])
+    for (_, prev), (s, bt) in zip(tiles, tiles[1:]):
+        if bt != prev:
+            step = op(operator.floordiv, op(operator.mul, t_arg, 2), op(operator.add, t_arg, s))
+            gx = op(operator.sub, gx, op(operator.mul, step, op(operator.sub, cdiv(prev),
+                                                                cdiv(bt))))
     return gx
 
 
@@ -695,8 +724,10 @@ def describe(node: Node) -> str:
                                                    "ROW_TAIL", "IDX64"))
     if kw["SWITCH_T"]:
         below = kw["BIG_INT32_BELOW"]
-        tile += (f" from T>={kw['SWITCH_T']}: BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=" +
-                 (f"0 below T={below} else 1" if below else "1"))
+        tile += f" from T>={kw['SWITCH_T']}: " + (
+            f"BLOCK_T={kw['BIG_BLOCK_T']},EARLY=0,IDX64=0 below T={below} else "
+            f"BLOCK_T={kw['WIDE_BLOCK_T']},IDX64=1" if below > kw["SWITCH_T"] else
+            f"BLOCK_T={kw['WIDE_BLOCK_T']},EARLY=0,IDX64=1")
     return (f"{fused_qkv_inductor_kernel.__name__} grid={node.kwargs['grid']} num_warps={nw} "
             f"tile={tile} mutates={list(node.kwargs['tensors_to_clone'])}")
 

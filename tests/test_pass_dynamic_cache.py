@@ -120,13 +120,15 @@ def test_inductor_launch_dynamic_cache_forms():
     run under the interpreter): benchmarks/check_inductor_launch.py's dynamic-cache forms, and
     a dynamic T with ``dynamic_tiles="prefill"`` (its launch must carry the T=1024 tiles),
     and dynamic T run past the large-T switch (lowered to T=4 for those forms), with larger
-    tiles there (int32 offsets, and int64 ones with int32 turned off) and with the same
-    one-token tiles, and the switch at T=256 for 64 heads a token."""
+    tiles there (int32 offsets, int64 ones with int32 turned off, and both past a lowered
+    int32 bound) and with the same one-token tiles, and the switch at T=256 for 64 heads a
+    token."""
     forms = ("view_dyn_cache,hnd_dyn_cache,view_dyn_cache_dyn_t,gated_dyn_prefill,"
-             "view_dyn_switch,view_dyn_switch_int64,d256_kv8_dyn_switch,many_heads_dyn")
+             "view_dyn_switch,view_dyn_switch_int64,view_dyn_switch_wide,d256_kv8_dyn_switch,"
+             "many_heads_dyn")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU modes (codegen and interp), even on a GPU box
     p = subprocess.run([sys.executable, "benchmarks/check_inductor_launch.py", "--forms", forms],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert p.stdout.count("PASS") == 16, p.stdout
+    assert p.stdout.count("PASS") == 18, p.stdout

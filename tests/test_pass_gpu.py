@@ -42,18 +42,23 @@ def test_pass_dynamic_tokens_on_cuda():
     check_fused(Form(device="cuda"), dynamic=True)
 
 
-@pytest.mark.parametrize("hq, switch, tokens", [(8, 1024, (40, 1100, 1023)),
-                                                (48, 256, (40, 300, 255, 1100))],
-                         ids=["switch_1024", "many_heads_256"])
-def test_dynamic_tokens_across_the_tile_switch_on_cuda(hq, switch, tokens):
+@pytest.mark.parametrize("hq, switch, tokens, cap", [(8, 1024, (40, 1100, 1023), None),
+                                                     (48, 256, (40, 300, 255, 1100), None),
+                                                     (48, 256, (40, 300, 1100, 255), 600)],
+                         ids=["switch_1024", "many_heads_256", "many_heads_int64_from_600"])
+def test_dynamic_tokens_across_the_tile_switch_on_cuda(hq, switch, tokens, cap, monkeypatch):
     """One dynamic-T graph (``dynamic_tiles="auto"``) run on both sides of the tile switch: the
     kernel's small-T branch, its large-T one (4 tokens a program at 8 Q heads) and the small-T
     branch again just below the switch, each against eager, with no recompile in between.
-    With 64 heads a token (48 Q + 2 x 8 KV, GLM-4.5-like) the switch is at T=256."""
+    With 64 heads a token (48 Q + 2 x 8 KV, GLM-4.5-like) the switch is at T=256.  ``cap``
+    lowers the large-T branch's int32 bound (``INT32_BELOW_CAP``): T=1100 then runs its int64
+    copy, one token a program (a third grid step)."""
     import re
 
+    from fusion_pass import inductor_launch
     from .model_forms import clone_args, resize_caches
     from .pass_check import RecordingPass, assert_numerics
+    monkeypatch.setattr(inductor_launch, "INT32_BELOW_CAP", cap)
 
     form = Form(device="cuda", d=128, hq=hq, hkv=2 if hq == 8 else 8)
     fn, args0 = build(form)
@@ -78,6 +83,7 @@ def test_dynamic_tokens_across_the_tile_switch_on_cuda(hq, switch, tokens):
                 code = "\n".join(codes)
                 # the grid's step (2T) // (T + switch)
                 assert re.search(rf"//\s*\({switch} \+ ", code), "no tile switch in the grid"
+                assert cap is None or re.search(rf"//\s*\({cap} \+ ", code), "no int64 step"
             else:
                 before = clone_args(args)
                 out = compiled(*args)
