@@ -62,13 +62,15 @@ def capture(name: str, t: int, gate: bool):
     return grid, args, consts, warps
 
 
-def compile_sm90(fn, kw: dict, num_warps: int):
-    """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name."""
+def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = ()):
+    """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name;
+    the float arguments named in ``fp64`` typed fp64, as Inductor types Python floats."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(**kw, num_warps=num_warps)
     options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
                                                           bound, spec, options)
+    signature.update({n: "fp64" for n in fp64})
     return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                           options=options.__dict__)
 
@@ -91,11 +93,11 @@ def trampoline_args(shape: str, op: dict) -> tuple[dict, int]:
     hq, hkv, d, r, gated, _ = bench_op.SHAPES[shape]
     p = il.plan(ShapeEnv().create_unbacked_symint(), hq=hq, hkv=hkv, d=d, rotary_dim=r,
                 write_q=True, run_k=True, run_v=True, write_gate=op["WRITE_G"])
-    kw = {k: v for k, v in op.items() if k not in ("eps", "w_off", "k_cache", "v_cache")}
+    kw = {k: v for k, v in op.items() if k not in ("k_cache", "v_cache")}
     kw.update(p.tiles.constexprs)
     # any int32 bound past the switch: both large-T copies of the call are compiled
     kw.update(k_base=op["k_cache"], v_base=op["v_cache"], T=op["T"] | 1, IDX64=False,
-              PDL=False, EPS=op["eps"], W_OFF=op["w_off"], V_IN_K_BASE=False, CACHE_FP8=0,
+              PDL=False, V_IN_K_BASE=False, CACHE_FP8=0,
               SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t, BIG_INT32_BELOW=1 << 20,
               WIDE_BLOCK_T=p.tiles.block_t, K_OFF=0, V_OFF=0)
     return kw, p.tiles.num_warps
@@ -156,7 +158,7 @@ def main():
     if a.trampoline:
         from fusion_pass.inductor_launch import fused_qkv_inductor_kernel
         kw, tw = trampoline_args(a.shape, op)
-        tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw)
+        tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw, fp64=("eps", "w_off"))
         print(f"{a.shape} trampoline (dynamic T) warps={tw}:",
               " ".join(f"{n}={v}" for n, v in stats(tk).items()))
     if a.dump:

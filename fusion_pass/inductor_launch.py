@@ -30,8 +30,10 @@ Why a trampoline kernel (``fused_qkv_inductor_kernel``) around ``fused_qkv_kerne
 * a ``uint8`` cache holding fp8 bytes cannot be re-viewed in the graph (the view would be
   cloned too): the trampoline bitcasts the pointer (``CACHE_FP8``);
 * Inductor types Python float kernel args as fp64 (``config._use_fp64_for_unbacked_floats``,
-  on outside fbcode), which would turn the norm math into fp64: ``eps`` and
-  ``weight_offset`` become constexprs (``EPS``, ``W_OFF``).
+  on outside fbcode), which would turn the norm math into fp64: the trampoline converts
+  ``eps`` and ``w_off`` to fp32 once.  (As constexprs they cost ptxas registers: GLM-4.5's
+  large-T tile took 42 a thread against the op's 40 on the H200, one block less a
+  multiprocessor.)
 
 What Inductor believes the kernel writes comes from its TTIR analysis, not from
 ``tensors_to_clone``: a pointer it wrongly counts as written becomes a mutated buffer, and a
@@ -96,7 +98,7 @@ WRAPPED_ARGS = (
 @triton.jit
 def fused_qkv_inductor_kernel(
     q_src, k_src, v_src, q_src_stride, k_src_stride, v_src_stride, q_col, k_col, v_col,
-    q_w, k_w,
+    q_w, k_w, eps, w_off,
     cos_ptr, sin_ptr, cos_stride, sin_stride, pos_ptr, table_rows,
     q_out, k_out, v_out, g_out,
     k_base, v_base, slot_ptr, block_size, num_slots,
@@ -112,7 +114,7 @@ def fused_qkv_inductor_kernel(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr,
     EARLY: tl.constexpr, ROW_TAIL: tl.constexpr, IDX64: tl.constexpr, INTERP: tl.constexpr,
-    EPS: tl.constexpr, W_OFF: tl.constexpr, V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
+    V_IN_K_BASE: tl.constexpr, CACHE_FP8: tl.constexpr,
     SWITCH_T: tl.constexpr, BIG_BLOCK_T: tl.constexpr, BIG_INT32_BELOW: tl.constexpr,
     WIDE_BLOCK_T: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
 ):
@@ -134,6 +136,7 @@ def fused_qkv_inductor_kernel(
     large-T tile took 42 and 56 (the int32 one 40 and 48), so the int64 copy takes the
     small-T tile's tokens (``WIDE_BLOCK_T``): 40 and 48.  It runs only past
     ``BIG_INT32_BELOW``, 74,897 tokens for GLM-4.5 with the benchmark's caches."""
+    eps32, w_off32 = tl.cast(eps, tl.float32), tl.cast(w_off, tl.float32)  # fp64 from Inductor
     # base + a constant: folded into the stores' addresses (0 for a cache that is its own
     # graph input)
     k_cache = k_base + K_OFF
@@ -153,7 +156,7 @@ def fused_qkv_inductor_kernel(
                 fused_qkv_kernel(
                     q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
                     k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
-                    k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+                    k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=eps32, w_off=w_off32,
                     cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
                     sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows,
                     q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
@@ -173,7 +176,7 @@ def fused_qkv_inductor_kernel(
             fused_qkv_kernel(
                 q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
                 k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col,
-                k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+                k_col=k_col, v_col=v_col, q_w=q_w, k_w=k_w, eps=eps32, w_off=w_off32,
                 cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride,
                 sin_stride=sin_stride, pos_ptr=pos_ptr, table_rows=table_rows, q_out=q_out,
                 k_out=k_out, v_out=v_out, g_out=g_out, k_cache=k_cache, v_cache=v_cache,
@@ -193,7 +196,7 @@ def fused_qkv_inductor_kernel(
     fused_qkv_kernel(
         q_src=q_src, k_src=k_src, v_src=v_src, q_src_stride=q_src_stride,
         k_src_stride=k_src_stride, v_src_stride=v_src_stride, q_col=q_col, k_col=k_col,
-        v_col=v_col, q_w=q_w, k_w=k_w, eps=EPS, w_off=W_OFF,
+        v_col=v_col, q_w=q_w, k_w=k_w, eps=eps32, w_off=w_off32,
         cos_ptr=cos_ptr, sin_ptr=sin_ptr, cos_stride=cos_stride, sin_stride=sin_stride,
         pos_ptr=pos_ptr, table_rows=table_rows,
         q_out=q_out, k_out=k_out, v_out=v_out, g_out=g_out,
@@ -338,6 +341,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         q_src_stride=scalars["q_src_stride"], k_src_stride=scalars["k_src_stride"],
         v_src_stride=scalars["v_src_stride"], q_col=a["q_col"], k_col=a["k_col"],
         v_col=a["v_col"], q_w=opt(a["q_weight"]), k_w=opt(a["k_weight"]),
+        eps=float(a["eps"]), w_off=float(a["weight_offset"]),
         cos_ptr=a["cos"], sin_ptr=a["sin"], cos_stride=scalars["cos_stride"],
         sin_stride=scalars["sin_stride"], pos_ptr=opt(a["positions"]),
         table_rows=scalars["table_rows"],
@@ -361,8 +365,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         WRITE_V=outs["v_out"] is not None, WRITE_G=outs["g_out"] is not None,
         **launch.tiles.constexprs,
         IDX64=launch.idx64,
-        INTERP=interp, EPS=float(a["eps"]), W_OFF=float(a["weight_offset"]),
-        V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
+        INTERP=interp, V_IN_K_BASE=v_in_k_base, CACHE_FP8=cache_fp8,
         SWITCH_T=launch.switch_t, BIG_BLOCK_T=launch.big_block_t,
         BIG_INT32_BELOW=launch.big_int32_below, WIDE_BLOCK_T=launch.wide_block_t,
         K_OFF=k_off, V_OFF=v_off,
