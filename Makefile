@@ -13,10 +13,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The GPU image's Triton (3.6) beside the venv's newer one: the register tests also compile
+# the kernel for sm_90 with it, since the two versions give different register counts.
+DEVICE_TRITON ?= triton==3.6.0
+.triton-device/.installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps --target .triton-device "$(DEVICE_TRITON)"
+	touch $@
+
 demo: install
 	$(VENV)/bin/python examples/paged_decode.py
 
-test: install
+test: install .triton-device/.installed
 	$(VENV)/bin/python -m pytest -q tests
 
 .PHONY: install demo test

@@ -149,6 +149,7 @@ def main():
         triton_kernel._INDEX32 = False
     if a.tile:
         triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
+    print(f"# triton {triton.__version__} (sm_90 compile)")
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
     op = op_args(args, consts)
     k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps)
