@@ -17,6 +17,7 @@ install: $(VENV)/.installed
 # the kernel for sm_90 with it, since the two versions give different register counts.
 DEVICE_TRITON ?= triton==3.6.0
 .triton-device/.installed: $(VENV)/.installed
+	rm -rf .triton-device  # pip --target does not replace an older install
 	$(VENV)/bin/pip install -q --no-deps --target .triton-device "$(DEVICE_TRITON)"
 	touch $@
 

@@ -203,19 +203,19 @@ def block_override(name):
     from kernels import triton_kernel
 
     cfg, switch = BLOCK_OVERRIDE.get(name), inductor_launch.SWITCH_T
-    index32 = triton_kernel._INDEX32
+    index32, cap = triton_kernel._INDEX32, inductor_launch.INT32_BELOW_CAP
     if cfg is not None:
         triton_kernel.set_block_override(cfg)
     inductor_launch.SWITCH_T = SWITCH_OVERRIDE.get(name, switch)
     triton_kernel._INDEX32 = INDEX32_OVERRIDE.get(name, index32)
-    inductor_launch.INT32_BELOW_CAP = INT32_CAP_OVERRIDE.get(name)
+    inductor_launch.INT32_BELOW_CAP = INT32_CAP_OVERRIDE.get(name, cap)
     try:
         yield
     finally:
         triton_kernel.set_block_override(None)
         inductor_launch.SWITCH_T = switch
         triton_kernel._INDEX32 = index32
-        inductor_launch.INT32_BELOW_CAP = None
+        inductor_launch.INT32_BELOW_CAP = cap
 
 
 def build_case(name, device):

@@ -38,10 +38,11 @@ def kernels(fn, n: int = 20) -> list:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        with open(f.name) as g:
+            trace = json.load(g)
     acc = collections.defaultdict(lambda: [0, 0.0, ""])
     for e in trace.get("traceEvents", []):
-        if e.get("cat") == "kernel":
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
             r = acc[e["name"]]
             r[0] += 1
             r[1] += e["dur"]

@@ -123,7 +123,8 @@ def fused_qkv_inductor_kernel(
     ``SWITCH_T`` > 0 (a dynamic T): from ``T >= SWITCH_T`` on, each program takes
     ``BIG_BLOCK_T`` tokens, with late loads, and int32 offsets below ``BIG_INT32_BELOW``
     (worked out from the tensors' static spans); from there int64 ones, ``WIDE_BLOCK_T``
-    tokens a program (the grid follows, see ``_grid_x``); below ``SWITCH_T``, the given tiles.
+    tokens a program (the small-T tile's when there is an int32 copy, else ``BIG_BLOCK_T``;
+    the grid follows, see ``_grid_x``); below ``SWITCH_T``, the given tiles.
     Uniform branches, so one graph runs the small-T tiles for decode and the large-T ones for
     long prefills.
 
@@ -291,9 +292,10 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     and warps with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
     H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
     against 1.83 us at T = 1 if used there), late loads, and int32 offsets up to the bound
-    ``_offset_widths`` works out, int64 from there.  ``"decode"``: the T = 32 tiles for
-    every T, ``"prefill"``: the T = 1024 ones for every T, both with late loads (EARLY off:
-    early loads gain ~0.1 us at small T but cost up to 14% at large T).
+    ``_offset_widths`` works out; past it int64 ones, on the small-T tile's tokens.
+    ``"decode"``: the T = 32 tiles for every T, ``"prefill"``: the T = 1024 ones for every T,
+    both with late loads (EARLY off: early loads gain ~0.1 us at small T but cost up to 14%
+    at large T).
     (Triton autotuning would not do this: Inductor benchmarks a user kernel's configs once, at
     the first call, and keeps the winner for every later T.)"""
     static_t = isinstance(T, int)
@@ -568,6 +570,8 @@ def _offset_widths(a: dict, kc: Optional[dict], vc: Optional[dict], T, launch: P
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid, big) else (lo, mid)
     below = lo + 1 if INT32_BELOW_CAP is None else min(lo + 1, INT32_BELOW_CAP)
+    if below <= launch.switch_t:  # (a cap only) no int32 copy: int64 is the whole branch
+        return launch._replace(big_int32_below=below)
     return launch._replace(big_int32_below=below, wide_block_t=launch.tiles.block_t)
 
 

@@ -80,7 +80,7 @@ class FusionPass(CustomGraphPass):
 
         from . import inductor_launch
         return (f"fusion_pass-{_HASH[:16]}-{self.options}-int32={triton_kernel._INDEX32}-"
-                f"switch={inductor_launch.SWITCH_T}")
+                f"switch={inductor_launch.SWITCH_T}-cap={inductor_launch.INT32_BELOW_CAP}")
 
 
 def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:

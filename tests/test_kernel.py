@@ -393,6 +393,42 @@ def test_auto_switches_even_without_bigger_tiles():
     assert auto.tiles.block_t == 1 and auto.tiles.constexprs["EARLY"]
 
 
+def test_grid_follows_the_branch_the_trampoline_takes():
+    """The Inductor launch's grid (``_grid_x``: for a static T, and the expression it builds
+    for a dynamic one, evaluated at T) is cdiv(T, tokens a program) of the branch
+    ``fused_qkv_inductor_kernel`` takes at T, for every kind of plan: no switch; a switch
+    with an int64 large-T branch; an int32 bound at or below the switch (a lowered cap); an
+    int32 copy, then the int64 one on the small-T tile."""
+    import fractions
+
+    import triton
+
+    from fusion_pass import inductor_launch as il
+    from kernels import triton_kernel as tk
+
+    class Evaluate:  # stands in for the graph builder: runs each op on numbers
+        @staticmethod
+        def call(f, args):
+            return f(*args)
+
+    def kernel_block_t(p, t):  # the trampoline's branches, as the kernel writes them
+        if p.switch_t > 0 and t >= p.switch_t:
+            return p.wide_block_t if t >= p.big_int32_below else p.big_block_t
+        return p.tiles.block_t
+
+    for bt in (1, 2):
+        tiles = tk.tile_plan(32, 8, 2, 128, 128, True, True, True, False, True)
+        tiles = tiles._replace(block_t=bt, constexprs={**tiles.constexprs, "BLOCK_T": bt})
+        for switch, below, big, wide in [(0, 0, 1, 1), (4, 0, 8, 8), (4, 3, 8, bt),
+                                         (4, 10, 8, bt), (1024, 74897, 2, bt)]:
+            p = il.Plan(tiles, switch, big, False, below, wide)
+            for t in [*range(1, 40), 1023, 1024, 1025, 74896, 74897, 100001]:
+                want = triton.cdiv(t, kernel_block_t(p, t))
+                assert il._grid_x(None, t, p) == want, (p, t)
+                # not an int: the symbolic path (its ops evaluated on a Fraction)
+                assert il._grid_x(Evaluate, fractions.Fraction(t), p) == want, (p, t)
+
+
 def test_large_t_branch_keeps_int32_offsets_up_to_the_exact_bound(monkeypatch):
     """A dynamic-T Inductor launch: the large-T branch runs int32 offsets for T below
     ``big_int32_below`` and int64 from there; the bound is the first T at which launch()'s
