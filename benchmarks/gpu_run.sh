@@ -8,6 +8,7 @@
 #   FLOORS="1,16,64,256" (the op beside its floors, ~30 s)   STRIDED=1 (strided_read.py, ~20 s)
 #   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls)
 #   INDEX32="1,64,4096,65536" (the op with int64 offsets, then the default int32 ones where they fit, at these T, NHD, ~2 min)
+#   PROFILE_KERNELS="glm-4.5:65536 qwen3-8b:16384" (profile_kernels.py: op vs +pass kernels, grid, registers, ~25 s each)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -54,6 +55,10 @@ if [ -n "${INDEX32:-}" ]; then
       | grep -v "^W1\|^  warn" | tee -a "$OUT/index32.txt"
   done
 fi
+for sk in ${PROFILE_KERNELS:-}; do
+  timeout 90 python3 benchmarks/profile_kernels.py --shape "${sk%%:*}" --tokens "${sk##*:}" 2>&1 \
+    | grep -v "^W1\|^  warn\|UserWarning\|_warn_once" | tee -a "$OUT/profile_kernels.txt"
+done
 if [ -n "${NCU:-}" ]; then
   timeout 300 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats -k regex:fused_qkv \

@@ -1,11 +1,13 @@
 """Which kernels the op and the compiled module (+pass) run, and their device time (GPU).
 
-    python benchmarks/profile_kernels.py [--shape qwen3-8b] [--tokens 16384] [--hnd]
+    python benchmarks/profile_kernels.py [--shape qwen3-8b] [--tokens 16384] [--hnd] [--static]
+        [--dump DIR]
 
 Compiles the unfused chain with the pass as ``bench_op.py`` does (dynamic T: first called
 at T=16, then at ``--tokens``), then profiles 20 calls of each with ``torch.profiler`` and
-prints, per implementation, every CUDA kernel with its count and mean time: where the compiled
-module's time goes beside the fused kernel.
+prints, per implementation, every CUDA kernel with its count and mean time, grid, block and
+registers, then ``bench_op.py``'s timing of the same call: where the compiled module's time
+goes beside the fused kernel.
 """
 from __future__ import annotations
 
@@ -111,8 +113,12 @@ def main() -> None:
           f"{'HND' if a.hnd else 'NHD'}{' static T' if a.static else ''}: per call, 20 calls")
     for label, fn, extra in (("fused op", bench_op.fused, {}), ("+pass", with_pass, {})):
         print(f"{label}:")
-        for name, count, us, launch in kernels(lambda: fn(*inp, **kw, **extra, opaque=False)):
+        call = lambda: fn(*inp, **kw, **extra, opaque=False)  # noqa: E731
+        for name, count, us, launch in kernels(call):
             print(f"  {us:9.2f} us x {count / 20:4.1f}  {name[:60]}  {launch}")
+        # bench_op.py's own timing (CUDA-graph replays) of the same call: where the two
+        # disagree, the difference lies outside the kernels
+        print(f"  {bench_op.bench(call, True) * 1e3:9.2f} us a call, bench_op.py's timing")
     if a.dump:
         dump_binaries(a.dump)
 
