@@ -133,10 +133,12 @@ def fused_qkv_inductor_kernel(
     allocation unit, one block less a multiprocessor: runtime cache offsets kept both cache
     pointers in registers for the whole kernel, and the int64 copy placed after the int32
     one cost as much again.  Constexpr offsets and the int64 copy first: 40.  A kernel takes
-    the registers of its hungriest branch: for GLM-4.5 and Qwen3-Next an int64 copy with the
-    large-T tile took 42 and 56 (the int32 one 40 and 48), so the int64 copy takes the
-    small-T tile's tokens (``WIDE_BLOCK_T``): 40 and 48.  It runs only past
-    ``BIG_INT32_BELOW``, 74,897 tokens for GLM-4.5 with the benchmark's caches."""
+    the registers of its hungriest branch: with Triton 3.9, an int64 copy on the large-T
+    tile took 42 for GLM-4.5 and 56 for Qwen3-Next (their int32 ones 40 and 48), so the
+    int64 copy takes the small-T tile's tokens (``WIDE_BLOCK_T``): 40 and 48.  It runs only
+    past ``BIG_INT32_BELOW``, 74,897 tokens for GLM-4.5 with the benchmark's caches.  (With
+    Triton 3.6, the H200 image's, GLM-4.5 took 42 until eps and the weight offset stopped
+    being constexprs; the register test compiles with both versions.)"""
     eps32, w_off32 = tl.cast(eps, tl.float32), tl.cast(w_off, tl.float32)  # fp64 from Inductor
     # base + a constant: folded into the stores' addresses (0 for a cache that is its own
     # graph input)
