@@ -315,7 +315,6 @@ def test_inductor_trampoline_takes_no_more_registers_than_the_op(shape, triton_b
 def test_int64_slot_past_2_31_is_skipped_with_int32_offsets(monkeypatch):
     """A slot of 2^32 + 1 in an int64 slot tensor is out of range: nothing is written (with
     int32 arithmetic a truncating cast would have turned it into slot 1)."""
-
     from kernels import triton_kernel
     from .cases import make_args
     if os.environ.get("TRITON_INTERPRET") != "1":
