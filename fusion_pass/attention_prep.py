@@ -27,8 +27,8 @@ from torch.fx import Graph, Node
 from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
 from . import guards, inductor_launch, token_order
-from .graph_util import (aten, fake_mode_of, is_cast, is_op, is_view_node, same_sym, same_value,
-                         tensor_val, view_input)
+from .graph_util import (aten, check_acyclic, fake_mode_of, is_cast, is_op, is_view_node,
+                         same_sym, same_value, tensor_val, view_input)
 from .guards import GuardFailure
 from .layout import LayoutError, head_layout, rows_of
 from .match_cache import CacheMatchError, CacheWrite, find_index_puts, match_cache_write
@@ -212,6 +212,7 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
     if fused:
         from torch._inductor.pattern_matcher import stable_topological_sort
 
+        check_acyclic(graph)  # a clear error, before the sort's bare assert
         stable_topological_sort(graph)
         graph.eliminate_dead_code()
         graph.lint()

@@ -121,3 +121,30 @@ def size_arg(graph: Graph, size, providers: Iterable[Node], before: Node):
                 node.meta["val"] = s
                 return node
     raise LookupError(f"no node provides size {size}")
+
+
+def check_acyclic(graph: Graph) -> None:
+    """Raise naming the nodes if some input is not in ``graph`` or the inputs form a cycle
+    (what Inductor's topological sort would only assert, without a message)."""
+    nodes = list(graph.nodes)
+    own = set(nodes)
+    pending = {n: 0 for n in nodes}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in own:
+                raise RuntimeError(f"node {n.name} reads {a.name}, which is not in the graph")
+            pending[n] += 1
+    ready = [n for n, c in pending.items() if c == 0]
+    done = 0
+    while ready:
+        n = ready.pop()
+        done += 1
+        for u in n.users:  # users and all_input_nodes are both without repeats
+            if u not in pending:  # a node of another graph
+                continue
+            pending[u] -= 1
+            if pending[u] == 0:
+                ready.append(u)
+    if done != len(nodes):
+        stuck = [n.name for n, c in pending.items() if c > 0]
+        raise RuntimeError(f"the rewrite left a cycle through {stuck[:8]}")

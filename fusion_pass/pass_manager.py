@@ -69,8 +69,9 @@ class FusionPass(CustomGraphPass):
                 graph=self.report.graphs - 1), n)
         except Exception as e:  # never break a compile: restore the graph, log, go on
             self.report.errors.append(f"{type(e).__name__}: {e}")
+            # with the traceback: a bare assert in torch says nothing by itself
             log.warning("fusion_pass failed on a graph, left unfused: %s: %s",
-                        type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+                        type(e).__name__, e, exc_info=True)
             if before is not None:
                 _restore(graph, before)
 
@@ -92,16 +93,12 @@ def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def _restore(graph: torch.fx.Graph, saved: torch.fx.Graph) -> None:
+    """Put ``saved``'s nodes back into ``graph``.  A rewrite that failed halfway may have left
+    a cycle, so every node first drops its inputs (no node then has a user) and is erased."""
     nodes = list(graph.nodes)
-    while nodes:  # erase users before what they use, whatever the current order
-        left = []
-        for n in reversed(nodes):
-            if n.users:
-                left.append(n)
-            else:
-                graph.erase_node(n)
-        if len(left) == len(nodes):
-            raise RuntimeError("could not restore the graph")
-        nodes = list(reversed(left))
+    for n in nodes:
+        n.args, n.kwargs = (), {}
+    for n in reversed(nodes):
+        graph.erase_node(n)
     out = graph.graph_copy(saved, {})
     graph.output(out)
