@@ -635,7 +635,7 @@ def interp_one(name, verbose):
     import torch
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.fx_passes.post_grad import post_grad_passes, view_to_reshape
     from torch._inductor.virtualized import V
 
     import fusion_pass
@@ -650,6 +650,7 @@ def interp_one(name, verbose):
 
     def fw(gm, example_inputs):
         fake = torch._guards.detect_fake_mode(example_inputs)
+        view_to_reshape(gm)  # as compile_fx does before its post-grad passes
         with V.set_fake_mode(fake), \
                 torch._inductor.config.patch(post_grad_custom_post_pass=passes[-1]):
             post_grad_passes(gm, is_inference=True)

@@ -155,3 +155,62 @@ def check_unfused(form, **options):
     assert "fused_qkv" not in code, f"fused although it must not:\n{fpass.report}"
     assert_numerics(fn, args, out, before)
     return fpass.report
+
+
+def launch_path_backend(fp: fusion_pass.FusionPass, graphs: list):
+    """A ``torch.compile`` backend that takes a graph through AOT autograd, Inductor's
+    decompositions and its whole post-grad pipeline (``fp`` included), then runs it eagerly:
+    on the CPU the Inductor launch's ``triton_kernel_wrapper_mutation`` nodes launch the
+    kernel under Triton's interpreter.  Each final graph is appended to ``graphs``.  Needs
+    ``inductor_launch_on_cpu`` (Inductor itself writes no code for user kernels on the CPU)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import post_grad_passes, view_to_reshape
+    from torch._inductor.virtualized import V
+
+    def fw(gm, example_inputs):
+        fake = torch._guards.detect_fake_mode(example_inputs)
+        view_to_reshape(gm)  # as compile_fx does first: a fused output's strides may differ
+        with V.set_fake_mode(fake), \
+                torch._inductor.config.patch(post_grad_custom_post_pass=fp):
+            post_grad_passes(gm, is_inference=True)
+        gm.recompile()
+        graphs.append(gm.graph)
+        return gm
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw,
+                                     decompositions=select_decomp_table(),
+                                     keep_inference_input_mutations=True)
+    return backend
+
+
+def inductor_launch_on_cpu(monkeypatch) -> None:
+    """Let the pass build its Inductor launch for CPU graphs, with interpreted kernels (no
+    TTIR to analyse there: the CUDA tests and the launch check's codegen mode cover that)."""
+    from fusion_pass import inductor_launch as il
+
+    monkeypatch.setattr(il, "DEVICES", il.DEVICES | {"cpu"})
+    monkeypatch.setattr(il, "ALLOW_INTERPRETER", True)
+    monkeypatch.setattr(il, "CHECK_WRITES", False)
+
+
+def assert_launch_graph(graph: torch.fx.Graph, fused: int) -> None:
+    """A final graph of ``launch_path_backend``: ``fused`` kernel nodes writing the caches that
+    are graph inputs, no fused_qkv custom op, no clone of an input, no epilogue ``copy_`` into
+    a cache (other state, e.g. a StaticCache's counters, keeps its own)."""
+    hop = torch.ops.higher_order.triton_kernel_wrapper_mutation
+    hops = [n for n in graph.nodes if n.target is hop]
+    assert len(hops) == fused, f"{len(hops)} kernel node(s) for {fused} fused chain(s)"
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert not any("fused_qkv" in t for t in targets), f"a fused_qkv op is left: {targets}"
+    bases = {h.kwargs["kwargs"][k] for h in hops for k in ("k_base", "v_base")}
+    copies = [n.name for n in graph.nodes if n.target is aten.copy_.default and n.args[0] in bases]
+    assert not copies, f"an epilogue copy_ into a cache is left: {copies}"
+    cloned = [n.name for n in graph.nodes if "clone" in str(n.target) and
+              isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"]
+    assert not cloned, f"a graph input is cloned: {cloned}"
+    for h in hops:
+        kw = h.kwargs["kwargs"]
+        assert kw["HAS_CACHE"] and kw["k_base"].op == "placeholder", "K cache not an input"
+        assert kw["V_IN_K_BASE"] or kw["v_base"].op == "placeholder", "V cache not an input"

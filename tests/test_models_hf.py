@@ -36,7 +36,8 @@ from torch._inductor.utils import run_and_get_code
 import fusion_pass
 
 from .numerics import assert_spec_close
-from .pass_check import assert_fused_code
+from .pass_check import (INDUCTOR_LAUNCH, assert_fused_code, assert_launch_graph,
+                         inductor_launch_on_cpu, launch_path_backend)
 
 ATTN = "fusion_pass_paged_test"  # our attention function's name in AttentionInterface
 B, S = 2, 5  # sequences, tokens each (one prefill step)
@@ -305,6 +306,41 @@ STATIC = [n for n in FAMILIES if n != "glm4_moe_no_qk_norm"]
 def test_static_cache(name):
     """Hugging Face's own StaticCache (``index_copy_(2, cache_position, k)``), eager attention."""
     check(name, "eager", run_static)
+
+
+# ------------------------------------------- the CUDA launch path, on the CPU (interpreter)
+# On CUDA the pass has Inductor launch the kernel (fusion_pass/inductor_launch.py).  These run
+# that graph rewrite on every family's real graphs here: Inductor's post-grad pipeline, then
+# the graph eagerly, the kernel under Triton's interpreter.
+
+FUSING = [n for n, f in FAMILIES.items() if f.fused]
+
+
+def check_launch_path(name: str, attn: str, run, monkeypatch) -> None:
+    inductor_launch_on_cpu(monkeypatch)
+    fam, cfg, model = build(name, attn)
+    eager = run(model, cfg, torch.float32)
+    exact = run(copy.deepcopy(model).double(), cfg, torch.float64, "cpu", torch.float32)
+    fp, graphs = fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True), []
+    torch._dynamo.reset()
+    got = run(torch.compile(model, backend=launch_path_backend(fp, graphs)), cfg, torch.float32)
+    fused = [c for c in fp.report.candidates if c.status == "fused"]
+    assert len(fused) == 2 * fam.fused and not fp.report.errors, str(fp.report)
+    assert all(c.op == INDUCTOR_LAUNCH for c in fused), str(fp.report)
+    assert len(graphs) == 2, f"{len(graphs)} graphs (prefill and decode expected)"
+    for g in graphs:
+        assert_launch_graph(g, fam.fused)
+    check_numerics(fam, got, eager, exact, name)
+
+
+@pytest.mark.parametrize("name", FUSING)
+def test_paged_cache_launch_path(name, monkeypatch):
+    check_launch_path(name, ATTN, run_paged, monkeypatch)
+
+
+@pytest.mark.parametrize("name", [n for n in FUSING if n in STATIC])
+def test_static_cache_launch_path(name, monkeypatch):
+    check_launch_path(name, "eager", run_static, monkeypatch)
 
 
 # ------------------------------------------------------------------ the same on the GPU
