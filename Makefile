@@ -21,10 +21,24 @@ DEVICE_TRITON ?= triton==3.6.0
 	$(VENV)/bin/pip install -q --no-deps --target .triton-device "$(DEVICE_TRITON)"
 	touch $@
 
+# The GPU image's torch and Triton (2.11, 3.6) on this CPU machine, to catch what CI's torch 2.13
+# would not: the CUDA wheel of torch imports without a GPU (~3.5 GB with its CUDA libraries, so
+# not part of `make test` or CI). `make test-device-versions` runs the CPU suite with them.
+DEVICE_TORCH ?= torch==2.11.0
+.venv-device/.installed: pyproject.toml
+	$(PY) -m venv .venv-device
+	.venv-device/bin/pip install -q --upgrade pip
+	.venv-device/bin/pip install -q "$(DEVICE_TORCH)" "$(DEVICE_TRITON)"
+	.venv-device/bin/pip install -q -e ".[test]"
+	touch $@
+
+test-device-versions: .venv-device/.installed
+	.venv-device/bin/python -m pytest -q tests
+
 demo: install
 	$(VENV)/bin/python examples/paged_decode.py
 
 test: install .triton-device/.installed
 	$(VENV)/bin/python -m pytest -q tests
 
-.PHONY: install demo test
+.PHONY: install demo test test-device-versions
