@@ -81,15 +81,27 @@ def dump_binaries(out: str) -> None:
             f.write(k.asm["cubin"])
         with open(f"{stem}.json", "w") as f:
             json.dump(meta, f, indent=1, default=str)
-        # the specialisation: scalar arguments' types and the ones without 16-divisibility
-        sig = re.search(r"tt\.func public @\w+\((.*?)\) attributes", k.asm.get("ttir", ""), re.S)
-        args = re.findall(r"%(\w+): ([^ ]+)( \{[^}]*\})?", sig.group(1) if sig else "")
-        print("   ", " ".join(f"{n}:{t}{'' if 'divisibility = 16' in (a or '') else '(nodiv)'}"
-                            for n, t, a in args if not t.startswith("!tt.ptr")))
+        print("   ", specialisation(k.asm.get("ttir", "")))
     for f in sorted({f for m in metas for f in m}):
         vals = [m.get(f) for m in metas]
         if len(set(map(str, vals))) > 1:
             print(f"  differs: {f}: {vals}")
+
+
+def specialisation(ttir: str) -> str:
+    """The kernel's specialisation from its TTIR signature: scalar arguments with their types,
+    and every argument (pointers too: unaligned ones load without vectors) that the launch did
+    not mark 16-divisible, as ``(nodiv)``."""
+    sig = re.search(r"tt\.func public @\w+\((.*?)\) attributes", ttir, re.S)
+    args = re.findall(r"%(\w+): ([^ ]+)( \{[^}]*\})?", sig.group(1) if sig else "")
+    out = []
+    for n, t, a in args:
+        nodiv = "" if "divisibility = 16" in (a or "") else "(nodiv)"
+        if not t.startswith("!tt.ptr"):
+            out.append(f"{n}:{t}{nodiv}")
+        elif nodiv:
+            out.append(f"{n}:ptr{nodiv}")
+    return " ".join(out)
 
 
 def main() -> None:
