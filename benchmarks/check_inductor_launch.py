@@ -633,35 +633,18 @@ def run_interp(names, table):
 
 def interp_one(name, verbose):
     import torch
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._inductor.fx_passes.post_grad import post_grad_passes, view_to_reshape
-    from torch._inductor.virtualized import V
 
     import fusion_pass
     from tests.model_forms import clone_args, resize_caches
+    from tests.pass_check import launch_path_backend
 
     Recorder.clear()
     graphs = []
     fn, args, dynamic = build_case(name, "cpu")
     fp = fusion_pass.FusionPass(allow_cpu=True, inductor_launch=True,
                                 **FORM_OPTIONS.get(name, {}))
-    passes = [fp]
-
-    def fw(gm, example_inputs):
-        fake = torch._guards.detect_fake_mode(example_inputs)
-        view_to_reshape(gm)  # as compile_fx does before its post-grad passes
-        with V.set_fake_mode(fake), \
-                torch._inductor.config.patch(post_grad_custom_post_pass=passes[-1]):
-            post_grad_passes(gm, is_inference=True)
-        gm.recompile()
-        graphs.append(gm)
-        return gm
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=fw,
-                                     decompositions=select_decomp_table(),
-                                     keep_inference_input_mutations=True)
+    passes = [fp]  # RESIZE_CACHES: the first compile runs a pass of its own
+    backend = launch_path_backend(lambda graph: passes[-1](graph), graphs)
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=backend)
@@ -680,7 +663,7 @@ def interp_one(name, verbose):
     with recording(), block_override(name), torch.no_grad():
         out = compiled(*args)
     fused = assert_launch_used(fp.report, name)
-    g = graphs[-1].graph
+    g = graphs[-1]
     hops = [n for n in g.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
     assert len(hops) == fused, f"{len(hops)} kernel node(s) for {fused} fused chain(s)"
     targets = {str(n.target) for n in g.nodes if n.op == "call_function"}
@@ -702,7 +685,7 @@ def interp_one(name, verbose):
                     "the caches' size is not dynamic in the second compile"
     check_numerics(name, fn, args, out, before)
     if verbose:
-        print(graphs[-1].code)
+        print(graphs[-1].python_code("self").src)
     return "; ".join(x.replace("fused_qkv_inductor_kernel ", "") for x in Recorder.launches)
 
 

@@ -127,11 +127,10 @@ def check_acyclic(graph: Graph) -> None:
     """Raise naming the nodes if some input is not in ``graph`` or the inputs form a cycle
     (what Inductor's topological sort would only assert, without a message)."""
     nodes = list(graph.nodes)
-    own = set(nodes)
-    pending = {n: 0 for n in nodes}
+    pending = {n: 0 for n in nodes}  # inputs not yet seen, of each node of the graph
     for n in nodes:
         for a in n.all_input_nodes:
-            if a not in own:
+            if a not in pending:
                 raise RuntimeError(f"node {n.name} reads {a.name}, which is not in the graph")
             pending[n] += 1
     ready = [n for n, c in pending.items() if c == 0]

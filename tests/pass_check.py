@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -157,9 +158,10 @@ def check_unfused(form, **options):
     return fpass.report
 
 
-def launch_path_backend(fp: fusion_pass.FusionPass, graphs: list):
+def launch_path_backend(fp: Callable[[torch.fx.Graph], None], graphs: list):
     """A ``torch.compile`` backend that takes a graph through AOT autograd, Inductor's
-    decompositions and its whole post-grad pipeline (``fp`` included), then runs it eagerly:
+    decompositions and its whole post-grad pipeline (``fp``, the pass or a callable standing
+    for it, included), then runs it eagerly:
     on the CPU the Inductor launch's ``triton_kernel_wrapper_mutation`` nodes launch the
     kernel under Triton's interpreter.  Each final graph is appended to ``graphs``.  Needs
     ``inductor_launch_on_cpu`` (Inductor itself writes no code for user kernels on the CPU)."""
