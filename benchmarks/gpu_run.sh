@@ -3,7 +3,7 @@
 #   TESTS="tests/..." (default: all; "none": skip)   BENCH="--quick ..." (unset: no benchmark)
 #   FUZZ_GPU_EXAMPLES=40 (default here; the tests' own default is 400)
 #   TUNE="--tokens ..." (unset: no sweep; "--variants [--no-gate] ...": rope paths / gate-less)
-#   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~5 min)
+#   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~7 min; HF_TIMEOUT=540)
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
 #   FLOORS="1,16,64,256" (the op beside its floors, ~30 s)   STRIDED=1 (strided_read.py, ~20 s)
 #   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls)
@@ -22,7 +22,7 @@ if [ "$TESTS" != "none" ]; then
     | tail -${TEST_TAIL:-30} | tee "$OUT/gpu_tests.txt"
 fi
 if [ -n "${HF:-}" ]; then
-  timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_models_hf.py \
+  timeout ${HF_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_models_hf.py \
     -rf > "$OUT/hf_models.txt" 2>&1; tail -3 "$OUT/hf_models.txt"
 fi
 if [ -n "${LAUNCH_CHECK:-}" ]; then

@@ -27,8 +27,9 @@ from torch.fx import Graph, Node
 from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
 from . import guards, inductor_launch, token_order
-from .graph_util import (aten, check_acyclic, fake_mode_of, is_cast, is_op, is_view_node,
-                         same_sym, same_value, tensor_val, view_input)
+from .graph_util import (aten, check_acyclic, depends_on, fake_mode_of, is_cast, is_op,
+                         is_row_trim, is_view_node, same_sym, same_value, tensor_val,
+                         view_input)
 from .guards import GuardFailure
 from .layout import LayoutError, head_layout, rows_of
 from .match_cache import CacheMatchError, CacheWrite, find_index_puts, match_cache_write
@@ -237,10 +238,11 @@ def _pair(chains: list, report: Report, gid: int) -> list:
             if partner is None:
                 for b in left:
                     if _layer_input(b.src.root) is _layer_input(a.src.root) and \
-                            _layer_input(a.src.root) is not None:
+                            _layer_input(a.src.root) is not None and _independent(a, b):
                         partner = b
                         break
-            if partner is None and len(left) == 1 and len(group) == 2:
+            if partner is None and len(left) == 1 and len(group) == 2 and \
+                    _independent(a, left[0]):
                 partner = left[0]
             if partner is None:
                 report.add(Candidate(gid, a.rope.out.name + _where(a.rope.out), a.forms(), "rejected",
@@ -252,11 +254,21 @@ def _pair(chains: list, report: Report, gid: int) -> list:
     return pairs
 
 
+def _independent(a: Chain, b: Chain) -> bool:
+    """Neither chain's projection reads the other's rope output: one fused call for both
+    would otherwise read its own output (two layers' Q, when their K went unmatched)."""
+    return not depends_on(a.src.root, [b.rope.out]) and \
+        not depends_on(b.src.root, [a.rope.out])
+
+
 def _layer_input(root: Node) -> Optional[Node]:
-    """For a separate projection (mm), the hidden states it multiplies."""
+    """For a separate projection (mm), the hidden states it multiplies (through pad_mm's
+    row trim and zero padding: Q's matmul may be padded and K's not)."""
+    if is_row_trim(root):
+        root = root.args[0]
     if is_op(root, aten.mm.default, aten.addmm.default, aten.bmm.default):
         x = root.args[1] if root.target is aten.addmm.default else root.args[0]
-        while is_view_node(x) or is_cast(x):
+        while is_view_node(x) or is_cast(x) or is_op(x, aten.constant_pad_nd.default):
             x = view_input(x) if is_view_node(x) else x.args[0]
         return x
     return None
@@ -297,7 +309,7 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
         return 0
     partial_reason = None
     if k.cache is not None and opts.fuse_cache:
-        vw = _find_v_write(k.cache, v_writes, k)
+        vw = _find_v_write(k.cache, v_writes, q, k)
         if vw is None:
             partial_reason = "no matching V cache write"
         else:
@@ -328,9 +340,11 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
     return 1
 
 
-def _find_v_write(kw: CacheWrite, v_writes, k: Chain):
+def _find_v_write(kw: CacheWrite, v_writes, q: Chain, k: Chain):
+    # a V computed after this layer's rope (a later layer's) cannot go into the same call
     same = [e for e in v_writes if e[0].slot_kind == kw.slot_kind and
-            all(same_value(a, b) for a, b in zip(e[0].slot_args, kw.slot_args))]
+            all(same_value(a, b) for a, b in zip(e[0].slot_args, kw.slot_args)) and
+            not depends_on(e[1], [q.rope.out, k.rope.out])]
     for e in same:  # the V of the same layer first
         if e[1] is k.src.root or _layer_input(e[1]) is _layer_input(k.src.root):
             return e

@@ -49,6 +49,22 @@ def is_view_node(n: Any) -> bool:
     return False
 
 
+def is_row_trim(n: Any) -> bool:
+    """``x[:M]`` on a computed (non-view) tensor: the leading rows of a matmul that Inductor's
+    ``pad_mm`` padded to an aligned row count (``mm(pad(h), w)[:M]``).  On CUDA it pads where
+    its own benchmark says so, per shape: the slice then stands for the projection itself."""
+    if not is_op(n, aten.slice.Tensor) or is_view_node(n.args[0]) or \
+            not isinstance(n.args[0], Node):
+        return False
+    v = tensor_val(n.args[0])
+    rest = list(n.args[1:])  # slice.Tensor(self, dim=0, start=None, end=None, step=1)
+    dim = rest[0] if rest else n.kwargs.get("dim", 0)
+    start = rest[1] if len(rest) > 1 else n.kwargs.get("start")
+    step = rest[3] if len(rest) > 3 else n.kwargs.get("step", 1)
+    return v is not None and v.dim() >= 2 and dim in (0, -v.dim()) and start in (0, None) and \
+        step == 1
+
+
 def view_input(n: Node) -> Node:
     """The tensor a view node views."""
     if n.target is operator.getitem:
@@ -147,3 +163,21 @@ def check_acyclic(graph: Graph) -> None:
     if done != len(nodes):
         stuck = [n.name for n, c in pending.items() if c > 0]
         raise RuntimeError(f"the rewrite left a cycle through {stuck[:8]}")
+
+
+def depends_on(node: Node, targets: Iterable[Node]) -> bool:
+    """Does ``node`` read any of ``targets``, directly or through other nodes?  Walks inputs
+    only back to the earliest target (the graph is in topological order)."""
+    targets = set(targets)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    first = min(order[t] for t in targets)
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in targets:
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen and order.get(a, -1) >= first:
+                seen.add(a)
+                todo.append(a)
+    return False

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from .graph_util import is_cast, is_view_node, tensor_val, val, view_input
+from .graph_util import is_cast, is_row_trim, is_view_node, tensor_val, val, view_input
 from .layout import HeadLayout, LayoutError, head_layout
 
 
@@ -24,9 +24,10 @@ class HeadSource:
 
 
 def trace_to_root(n: Node) -> tuple:
-    """(root, view nodes from n up to root): the first non-view ancestor through views."""
+    """(root, view nodes from n up to root): the first non-view ancestor through views, or
+    the row trim of a padded matmul (``is_row_trim``)."""
     chain = []
-    while is_view_node(n):
+    while is_view_node(n) and not is_row_trim(n):
         chain.append(n)
         n = view_input(n)
     return n, chain
@@ -66,7 +67,7 @@ def head_source(x_raw: Node, post_ops: list, head_dim: int, fake_mode) -> HeadSo
     xv = tensor_val(x_raw)
     if rv is None or xv is None:
         raise LayoutError("no fake value")
-    if root is x_raw:
+    if root is x_raw and not is_row_trim(root):
         raise LayoutError("head tensor is computed, not a view of a projection")
     if not torch._C._is_alias_of(xv, rv) and xv.untyped_storage() is not rv.untyped_storage():
         raise LayoutError("head tensor does not share the projection's storage")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .graph_util import aten, is_cast, is_view_node, prims, tensor_val, view_input
+from .graph_util import aten, is_cast, is_row_trim, is_view_node, prims, tensor_val, view_input
 from .layout import HeadLayout
 
 IDENTITY_OPS = {aten.clone.default, aten.alias.default, aten.contiguous.default,
@@ -39,6 +39,8 @@ def walk_back(value: Node, stop) -> tuple:
     """From a written value up through views/copies until ``stop(node)``: (node, ops)."""
     ops, n = [], value
     while not stop(n):
+        if is_row_trim(n):  # a padded matmul's rows: the projection, as in trace_to_root
+            break
         if is_view_node(n):
             ops.append(n)
             n = view_input(n)

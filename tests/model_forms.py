@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass
 class Form:
-    split: str = "split"  # split, chunk, slice, narrow, separate, gated_interleaved, gated_blocked
+    split: str = "split"  # split, chunk, slice, narrow, separate, gated_interleaved, gated_blocked,
+    #                       packed_linear (one QKV matmul in the graph, then split)
     norm: str = "rms_norm"  # rms_norm, nn, qwen3, gemma, none
     rope: str = "neox_halves"  # neox_halves, rotate_half, gptj, gptj_halves
     rotary: float = 1.0  # fraction of head_dim rotated
@@ -149,9 +150,10 @@ def build(f: Form):
         return (torch.randn(*shape, generator=g) * scale).to(dev)
 
     hidden = 32
-    if f.split == "separate":
+    if f.split in ("separate", "packed_linear"):
         x_in = rnd(f.B, f.S, hidden).to(dt)
-        proj = [rnd(w, hidden, scale=0.3).to(dt) for w in (qw_, kvw, kvw)]
+        widths = (qw_, kvw, kvw) if f.split == "separate" else (qw_ + 2 * kvw,)
+        proj = [rnd(w, hidden, scale=0.3).to(dt) for w in widths]
     else:
         x_in = rnd(f.B, f.S, qw_ + 2 * kvw, scale=2.0).to(dt)
         proj = []
@@ -198,6 +200,8 @@ def build(f: Form):
         # ---- split ----
         if f.split == "separate":
             q, k, v = (F.linear(x_in, w) for w in pj)
+        elif f.split == "packed_linear":
+            q, k, v = F.linear(x_in, pj[0]).split([qw_, kvw, kvw], -1)
         elif f.split == "split" or f.split == "gated_blocked":
             sizes = [hq * d, hq * d, kvw, kvw] if gated else [qw_, kvw, kvw]
             parts = x_in.split(sizes, -1)

@@ -308,12 +308,54 @@ def test_static_cache(name):
     check(name, "eager", run_static)
 
 
+# --------------------------------------------------- projections padded by Inductor's pad_mm
+# On CUDA, Inductor pads a matmul to aligned rows where its own benchmark says so, per shape
+# and so per process: ``mm(pad(h), w)[:T]``.  Forced here: every matmul, or every other one
+# (Q's padded and K's not, or the reverse: the mix that once failed a whole GPU run).
+
+FUSING = [n for n, f in FAMILIES.items() if f.fused]
+
+
+def check_padded(name: str, policy: str, monkeypatch, device: str = "cpu",
+                 dtype=torch.float32) -> None:
+    """The caches (the fused op's own outputs) against eager by SPEC's rule; the logits against
+    stock Inductor with the same padding, the unfused code the pass rewrote: a padded matmul
+    rounds differently from eager's, downstream of the op."""
+    from torch._inductor.fx_passes import pad_mm
+
+    padded = []
+
+    def should_pad(match, mat1, mat2, op, input=None):
+        padded.append(policy == "all" or len(padded) % 2 == 0)
+        return padded[-1]
+    monkeypatch.setattr(pad_mm, "should_pad", should_pad)
+    fam, cfg, model = build(name, ATTN)
+    model = model.to(device, dtype)
+    eager = run_paged(model, cfg, dtype, device, dtype)
+    exact = run_paged(copy.deepcopy(model).double(), cfg, torch.float64, device, dtype)
+    torch._dynamo.reset()
+    stock = run_paged(torch.compile(model), cfg, dtype, device, dtype)
+    assert any(padded), "no matmul was padded"
+    stock_pads, padded[:] = list(padded), []  # the same calls, in the same order, again
+    fn, backend = compiled(model, device)
+    got, codes = run_and_get_code(run_paged, fn, cfg, dtype, device, dtype)
+    assert padded == stock_pads
+    check_report(fam, cfg, backend.report, "\n".join(codes), device)
+    check_numerics(fam, got, (stock[0], eager[1]), exact, name)
+
+
+PADDED = [("alternate", n) for n in FUSING] + [("all", "llama"), ("all", "qwen3_next")]
+
+
+@pytest.mark.parametrize("policy,name", PADDED)
+def test_paged_cache_padded_matmuls(name, policy, monkeypatch):
+    check_padded(name, policy, monkeypatch)
+
+
 # ------------------------------------------- the CUDA launch path, on the CPU (interpreter)
 # On CUDA the pass has Inductor launch the kernel (fusion_pass/inductor_launch.py).  These run
 # that graph rewrite on every family's real graphs here: Inductor's post-grad pipeline, then
 # the graph eagerly, the kernel under Triton's interpreter.
-
-FUSING = [n for n, f in FAMILIES.items() if f.fused]
 
 
 def check_launch_path(name: str, attn: str, run, monkeypatch) -> None:
@@ -356,6 +398,14 @@ GPU_DTYPES = [pytest.param(torch.bfloat16, id="bf16")]
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_paged_cache_cuda(name, dtype):
     check(name, ATTN, run_paged, "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("policy,name", PADDED)
+def test_paged_cache_padded_matmuls_cuda(name, policy, dtype, monkeypatch):
+    """Inductor's own pad_mm on CUDA, with its benchmark's answer forced."""
+    check_padded(name, policy, monkeypatch, "cuda", dtype)
 
 
 @pytest.mark.gpu
