@@ -138,7 +138,8 @@ def main():
     ap.add_argument("opts", nargs="*", help="no-gate")
     ap.add_argument("--tile", help="BLOCK_T,BLOCK_H,warps[,pairs[,early[,row_tail]]] "
                     "(default: the heuristic; any T >= 1024 gives the large-T tiles)")
-    ap.add_argument("--dump", help="write the ttgir and sass here")
+    ap.add_argument("--dump", help="write the ttgir, ptx and sass here (kernel.*, and with "
+                    "--trampoline trampoline.*)")
     ap.add_argument("--int64", action="store_true",
                     help="int64 element offsets (triton_kernel._INDEX32 off; by default int32 "
                     "ones where they fit)")
@@ -156,17 +157,20 @@ def main():
     print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} "
           f"idx64={int(op['IDX64'])}:",
           " ".join(f"{n}={v}" for n, v in stats(k).items()))
+    dumps = {"kernel": k}
     if a.trampoline:
         from fusion_pass.inductor_launch import fused_qkv_inductor_kernel
         kw, tw = trampoline_args(a.shape, op)
         tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw, fp64=("eps", "w_off"))
         print(f"{a.shape} trampoline (dynamic T) warps={tw}:",
               " ".join(f"{n}={v}" for n, v in stats(tk).items()))
+        dumps["trampoline"] = tk
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
-        for ext in ("ttgir", "ptx", "sass"):
-            with open(os.path.join(a.dump, f"kernel.{ext}"), "w") as f:
-                f.write(k.asm[ext])
+        for name, kern in dumps.items():
+            for ext in ("ttgir", "ptx", "sass"):
+                with open(os.path.join(a.dump, f"{name}.{ext}"), "w") as f:
+                    f.write(kern.asm[ext])
 
 
 if __name__ == "__main__":
