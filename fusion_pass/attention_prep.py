@@ -341,14 +341,16 @@ def _fuse_pair(graph, fake_mode, q: Chain, k: Chain, v_writes, opts, report, gid
 
 
 def _find_v_write(kw: CacheWrite, v_writes, q: Chain, k: Chain):
-    # a V computed after this layer's rope (a later layer's) cannot go into the same call
     same = [e for e in v_writes if e[0].slot_kind == kw.slot_kind and
-            all(same_value(a, b) for a, b in zip(e[0].slot_args, kw.slot_args)) and
-            not depends_on(e[1], [q.rope.out, k.rope.out])]
-    for e in same:  # the V of the same layer first
-        if e[1] is k.src.root or _layer_input(e[1]) is _layer_input(k.src.root):
+            all(same_value(a, b) for a, b in zip(e[0].slot_args, kw.slot_args))]
+    own = [e for e in same  # the V of the same layer first
+           if e[1] is k.src.root or _layer_input(e[1]) is _layer_input(k.src.root)]
+    for e in own + [e for e in same if e not in own]:
+        # a V computed after this layer's rope (a later layer's) cannot join the same call;
+        # checked in order, so a model's layers cost one walk each
+        if not depends_on(e[1], [q.rope.out, k.rope.out]):
             return e
-    return same[0] if same else None
+    return None
 
 
 def _cache_guards(kw: CacheWrite, vw: CacheWrite, v_root: Node, k: Chain, d: int) -> list:
