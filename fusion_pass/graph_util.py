@@ -53,8 +53,7 @@ def is_row_trim(n: Any) -> bool:
     """``x[:M]`` on a computed (non-view) tensor: the leading rows of a matmul that Inductor's
     ``pad_mm`` padded to an aligned row count (``mm(pad(h), w)[:M]``).  On CUDA it pads where
     its own benchmark says so, per shape: the slice then stands for the projection itself."""
-    if not is_op(n, aten.slice.Tensor) or is_view_node(n.args[0]) or \
-            not isinstance(n.args[0], Node):
+    if not is_op(n, aten.slice.Tensor) or is_view_node(n.args[0]):
         return False
     v = tensor_val(n.args[0])
     rest = list(n.args[1:])  # slice.Tensor(self, dim=0, start=None, end=None, step=1)
@@ -167,17 +166,17 @@ def check_acyclic(graph: Graph) -> None:
 
 def depends_on(node: Node, targets: Iterable[Node]) -> bool:
     """Does ``node`` read any of ``targets``, directly or through other nodes?  Walks inputs
-    only back to the earliest target (the graph is in topological order)."""
+    only back to the earliest target: the graph is in topological order, and FX nodes compare
+    by their position in it (kept up to date on insertion), so no walk numbers the graph."""
     targets = set(targets)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    first = min(order[t] for t in targets)
+    first = min(targets)
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
         if n in targets:
             return True
         for a in n.all_input_nodes:
-            if a not in seen and order.get(a, -1) >= first:
+            if a not in seen and not a < first:
                 seen.add(a)
                 todo.append(a)
     return False

@@ -216,3 +216,18 @@ def assert_launch_graph(graph: torch.fx.Graph, fused: int) -> None:
         kw = h.kwargs["kwargs"]
         assert kw["HAS_CACHE"] and kw["k_base"].op == "placeholder", "K cache not an input"
         assert kw["V_IN_K_BASE"] or kw["v_base"].op == "placeholder", "V cache not an input"
+
+
+def force_pad_mm(monkeypatch, policy: str) -> list:
+    """Force the answer of Inductor's ``pad_mm`` benchmark (CUDA-only, per shape and process):
+    pad every matmul it is offered (``"all"``) or every other one (``"alternate"``), also on
+    the CPU, where it is never asked.  Returns the answers given, in order."""
+    from torch._inductor.fx_passes import pad_mm
+
+    answers = []
+
+    def should_pad(match, mat1, mat2, op, input=None):
+        answers.append(policy == "all" or len(answers) % 2 == 0)
+        return answers[-1]
+    monkeypatch.setattr(pad_mm, "should_pad", should_pad)
+    return answers

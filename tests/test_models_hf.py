@@ -37,7 +37,7 @@ import fusion_pass
 
 from .numerics import assert_spec_close
 from .pass_check import (INDUCTOR_LAUNCH, assert_fused_code, assert_launch_graph,
-                         inductor_launch_on_cpu, launch_path_backend)
+                         force_pad_mm, inductor_launch_on_cpu, launch_path_backend)
 
 ATTN = "fusion_pass_paged_test"  # our attention function's name in AttentionInterface
 B, S = 2, 5  # sequences, tokens each (one prefill step)
@@ -321,14 +321,7 @@ def check_padded(name: str, policy: str, monkeypatch, device: str = "cpu",
     """The caches (the fused op's own outputs) against eager by SPEC's rule; the logits against
     stock Inductor with the same padding, the unfused code the pass rewrote: a padded matmul
     rounds differently from eager's, downstream of the op."""
-    from torch._inductor.fx_passes import pad_mm
-
-    padded = []
-
-    def should_pad(match, mat1, mat2, op, input=None):
-        padded.append(policy == "all" or len(padded) % 2 == 0)
-        return padded[-1]
-    monkeypatch.setattr(pad_mm, "should_pad", should_pad)
+    padded = force_pad_mm(monkeypatch, policy)
     fam, cfg, model = build(name, ATTN)
     model = model.to(device, dtype)
     eager = run_paged(model, cfg, dtype, device, dtype)

@@ -15,16 +15,14 @@ from fusion_pass.graph_util import depends_on, is_row_trim
 
 from .model_forms import Form, _rotate
 from .numerics import assert_spec_close
-from .pass_check import check_fused
+from .pass_check import check_fused, force_pad_mm
 
 
 @pytest.fixture
 def pad(monkeypatch):
     """``pad(policy)``: every matmul padded ("all"), or every other one ("alternate").
     Returns the list of row trims the pass saw in its graphs (``is_row_trim``)."""
-    from torch._inductor.fx_passes import pad_mm
-
-    answers, trims = [], []
+    trims = []
     run = attention_prep.run
 
     def spy(graph, opts, report):
@@ -32,10 +30,7 @@ def pad(monkeypatch):
         return run(graph, opts, report)
 
     def force(policy):
-        def should_pad(match, mat1, mat2, op, input=None):
-            answers.append(policy == "all" or len(answers) % 2 == 0)
-            return answers[-1]
-        monkeypatch.setattr(pad_mm, "should_pad", should_pad)
+        force_pad_mm(monkeypatch, policy)
         monkeypatch.setattr(attention_prep, "run", spy)
         return trims
     return force
