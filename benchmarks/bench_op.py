@@ -211,17 +211,29 @@ def host_overhead() -> None:
 
 def print_floors(args, bw: float, launch_us: float) -> None:
     """The fused op beside its floors: bytes / copy bandwidth, one empty launch, and a copy of
-    the same bytes in a CUDA graph (the last is what any kernel moving them takes)."""
-    print(f"{'shape':11} {'T':>6} | {'fused':>7} {'bytes':>7} {'launch':>7} {'copy':>7} | "
+    the same bytes in a CUDA graph (the last is what any kernel moving them takes).  With
+    ``--max-regs``, one column of the op per register budget, timed side by side."""
+    from kernels import triton_kernel
+    budgets = _budgets(args.max_regs) if args.max_regs else [triton_kernel._EARLY_MAX_REGS]
+    cols = " ".join(f"{'fused' if len(budgets) == 1 else f'r={b}':>7}" for b in budgets)
+    print(f"{'shape':11} {'T':>6} | {cols} {'bytes':>7} {'launch':>7} {'copy':>7} | "
           f"{'fused/copy':>10}")
     for name in args.shapes.split(","):
         for t in map(int, args.floors.split(",")):
             inp, kw, cbytes = make_inputs(name, t, False)
-            us = bench(lambda: fused(*inp, **kw, opaque=False), True) * 1e3
+            times = []
+            for b in budgets:
+                triton_kernel._EARLY_MAX_REGS = b
+                times.append(bench(lambda: fused(*inp, **kw, opaque=False), True) * 1e3)
             fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
             cp = copy_floor_us(fb)
-            print(f"{name:11} {t:>6} | {us:7.2f} {fb / bw * 1e6:7.2f} {launch_us:7.2f} "
-                  f"{cp:7.2f} | {us / cp:10.2f}", flush=True)
+            print(f"{name:11} {t:>6} | {' '.join(f'{us:7.2f}' for us in times)} "
+                  f"{fb / bw * 1e6:7.2f} {launch_us:7.2f} {cp:7.2f} | "
+                  f"{min(times) / cp:10.2f}", flush=True)
+
+
+def _budgets(spec: str) -> list:
+    return [None if b == "none" else int(b) for b in spec.split(",")]
 
 
 def main():
@@ -239,8 +251,13 @@ def main():
     ap.add_argument("--int64", action="store_true",
                     help="int64 element offsets on every launch (_INDEX32 off; by default "
                     "launches whose offsets fit run int32 ones)")
+    ap.add_argument("--max-regs", default=None, metavar="N|none[,...]",
+                    help="ptxas's register budget of small-T launches (EARLY), "
+                    "triton_kernel._EARLY_MAX_REGS; with --floors, a list timed side by side")
     args = ap.parse_args()
     from kernels import triton_kernel
+    if args.max_regs and not args.floors:
+        triton_kernel._EARLY_MAX_REGS = _budgets(args.max_regs)[0]
     if args.int64:
         triton_kernel._INDEX32 = False
     if args.tile:
@@ -257,7 +274,8 @@ def main():
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"empty launch in a CUDA graph {launch_us:.2f} us  offsets "
-          f"{'int32 where they fit' if triton_kernel._INDEX32 else 'int64'}"
+          f"{'int32 where they fit' if triton_kernel._INDEX32 else 'int64'}  small-T "
+          f"register budget {args.max_regs or triton_kernel._EARLY_MAX_REGS}"
           f"{'  tile ' + args.tile if args.tile else ''}")
     if args.floors:
         return print_floors(args, bw, launch_us)

@@ -6,7 +6,7 @@ The kernel has no loops, so a static count per region is what one program execut
 to compare kernel variants before spending device time on them.
 
     PYTHONPATH=. python benchmarks/sass_stats.py qwen3-next 65536 [no-gate] [--tile 4,2,4,0,0]
-        [--int64] [--trampoline]
+        [--int64] [--trampoline] [--max-regs N|none]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def capture(name: str, t: int, gate: bool):
     class Recorder:
         fn = triton_kernel.fused_qkv_kernel
 
-        def __call__(self, grid, args, consts, num_warps, launch_pdl=False):
+        def __call__(self, grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
             seen.append((grid, list(args), consts, num_warps))
 
     triton_kernel._launcher = Recorder()
@@ -62,17 +62,19 @@ def capture(name: str, t: int, gate: bool):
     return grid, args, consts, warps
 
 
-def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = ()):
+def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = (), maxnreg=None):
     """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name;
-    the float arguments named in ``fp64`` typed fp64, as Inductor types Python floats."""
+    the float arguments named in ``fp64`` typed fp64, as Inductor types Python floats;
+    ``maxnreg``: ptxas's register budget (None: its own choice)."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(**kw, num_warps=num_warps)
     options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
                                                           bound, spec, options)
     signature.update({n: "fp64" for n in fp64})
+    opts = dict(options.__dict__, maxnreg=maxnreg)
     return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                          options=options.__dict__)
+                          options=opts)
 
 
 def op_args(args, consts) -> dict:
@@ -114,6 +116,26 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", out).group(1))
 
 
+_ORDER = {"LDG": "L", "SHFL": "s", "BAR": "|", "STG": "S", "MUFU": "m"}
+
+
+def issue_order(sass: str) -> str:
+    """The order of global loads (L), shuffles (s: the norm's reduction), barriers (|), MUFU
+    (m: its rsqrt) and global stores (S) in each exit path of the kernel, ``/``-separated.
+    A load after the first shuffle is issued only once the reduction's input arrived: a second
+    memory round trip."""
+    paths, cur = [], []
+    for m in re.finditer(r"^[-0-9A-Za-z:]+\t(?:@!?U?P\w+\s+)?([A-Z]+)", sass, re.M):
+        op = m.group(1)
+        if op == "EXIT":
+            if cur:
+                paths.append("".join(cur))
+            cur = []
+        elif op in _ORDER:
+            cur.append(_ORDER[op])
+    return "/".join(p for p in paths if len(p) > 1)  # not the lone stores after a branch
+
+
 def stats(kernel) -> dict:
     sass = kernel.asm["sass"]
     # one instruction a line, after its control codes: "--:-:0:-:1\t@!P0 LDG.E.128 R12, ..."
@@ -127,8 +149,9 @@ def stats(kernel) -> dict:
     # 64-bit integer arithmetic in the kernel's TTIR (index math; IDX64 off leaves ~none)
     i64 = len(re.findall(r"= arith\.(?:addi|subi|muli|divsi|remsi|extsi)\b[^\n]*i64",
                          kernel.asm["ttir"]))
-    return dict(regs=registers(kernel.asm["cubin"]), i64_ops=i64, instrs=len(ops), convert_layout=ttgir.count(
-        "ttg.convert_layout"), **fam)
+    return dict(regs=registers(kernel.asm["cubin"]), i64_ops=i64, instrs=len(ops),
+                convert_layout=ttgir.count("ttg.convert_layout"), **fam,
+                order=issue_order(sass))
 
 
 def main():
@@ -143,6 +166,9 @@ def main():
     ap.add_argument("--int64", action="store_true",
                     help="int64 element offsets (triton_kernel._INDEX32 off; by default int32 "
                     "ones where they fit)")
+    ap.add_argument("--max-regs", default=None, metavar="N|none",
+                    help="ptxas's register budget for the op's kernel (default: the op's, "
+                    "triton_kernel._EARLY_MAX_REGS when EARLY is on)")
     ap.add_argument("--trampoline", action="store_true",
                     help="also the Inductor launch's kernel for a dynamic T (all its branches)")
     a = ap.parse_args()
@@ -153,8 +179,11 @@ def main():
     print(f"# triton {triton.__version__} (sm_90 compile)")
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
     op = op_args(args, consts)
-    k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps)
-    print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} "
+    regs = triton_kernel._EARLY_MAX_REGS if op["EARLY"] else None  # as BoundLaunch on NVIDIA
+    if a.max_regs is not None:
+        regs = None if a.max_regs == "none" else int(a.max_regs)
+    k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps, maxnreg=regs)
+    print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} maxnreg={regs} "
           f"idx64={int(op['IDX64'])}:",
           " ".join(f"{n}={v}" for n, v in stats(k).items()))
     dumps = {"kernel": k}

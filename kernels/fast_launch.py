@@ -93,8 +93,9 @@ _PROBE: Optional[tuple] = None
 class CachedLauncher:
     """Launch ``jit_fn`` through a per-key cache of its compiled launcher.
 
-    ``launcher(grid, args, constexprs, num_warps, launch_pdl=False)`` does what
-    ``jit_fn[grid](*args, **constexprs, num_warps=num_warps[, launch_pdl=True])`` does.
+    ``launcher(grid, args, constexprs, num_warps, launch_pdl=False, maxnreg=None)`` does what
+    ``jit_fn[grid](*args, **constexprs, num_warps=num_warps[, launch_pdl=True][,
+    maxnreg=maxnreg])`` does.
     ``args``: the runtime (non-constexpr) arguments in kernel order; ``constexprs``: a tuple
     in kernel order (fast) or a dict by name; ``grid``: a tuple of 1 to 3 ints.  Counters
     ``hits`` / ``misses`` say which path ran; ``why_slow`` says why the fast path is off for
@@ -102,8 +103,8 @@ class CachedLauncher:
 
     The cache key covers, per tensor: dtype, address mod 16, CUDA or not; per int: ``== 1``,
     value mod 16, int32 / int64 / uint64 range; every scalar's type; each constexpr's value and
-    type; ``num_warps`` and ``launch_pdl``; the current device; the compile-option knobs
-    JITFunction.run reads.  Like JITFunction.run, it re-checks the module globals the kernel
+    type; ``num_warps``, ``launch_pdl`` and ``maxnreg``; the current device; the compile-option
+    knobs JITFunction.run reads.  Like JITFunction.run, it re-checks the module globals the kernel
     reads (Triton raises when one changed; we then take the normal path so that it does).
     """
 
@@ -134,9 +135,9 @@ class CachedLauncher:
 
     def __call__(self, grid: Sequence[int], args: Sequence[Any],
                  constexprs: Union[tuple, Mapping[str, Any]], num_warps: int,
-                 launch_pdl: bool = False) -> None:
+                 launch_pdl: bool = False, maxnreg: Optional[int] = None) -> None:
         if self.why_slow or self.fn.pre_run_hooks:
-            self._normal(grid, args, constexprs, num_warps, launch_pdl)
+            self._normal(grid, args, constexprs, num_warps, launch_pdl, maxnreg)
             return
         try:
             if any(self._hooks(_knobs)):  # a profiler is listening: it needs launch_metadata
@@ -145,14 +146,14 @@ class CachedLauncher:
             dev = self._device()
             key, vals = self._spec(*args, *consts)
             run, function, packed = self._cache[dev, self._options(_knobs), num_warps,
-                                                launch_pdl, key]
+                                                launch_pdl, maxnreg, key]
             ug = self.fn.used_global_vals
             if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
                 raise LookupError  # a global changed: Triton raises, so let it
             n = len(grid)  # a callable grid raises here
             gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
         except Exception:  # first call, new key, hooks, an argument we do not cover
-            self._miss(grid, args, constexprs, num_warps, launch_pdl)
+            self._miss(grid, args, constexprs, num_warps, launch_pdl, maxnreg)
             return
         self.hits += 1
         # launch_metadata and both hooks None: what the launcher does with idle hooks anyway
@@ -163,19 +164,24 @@ class CachedLauncher:
             raise KeyError("constexprs must name every constexpr parameter, and only those")
         return self._by_name(constexprs)
 
-    def _normal(self, grid, args, consts, num_warps: int, launch_pdl: bool = False):
+    def _normal(self, grid, args, consts, num_warps: int, launch_pdl: bool = False,
+                maxnreg: Optional[int] = None):
         self.misses += 1
         opts = {"num_warps": num_warps}
         if launch_pdl:  # a compile option (the launcher reads it from the kernel's metadata)
             opts["launch_pdl"] = True
+        if maxnreg is not None:  # a compile option (NVIDIA only)
+            opts["maxnreg"] = maxnreg
         if isinstance(consts, Mapping):
             return self.fn[grid](*args, **consts, **opts)
         if len(consts) != len(self._cnames):
             raise TypeError(f"{len(consts)} constexprs given, the kernel has {self._cnames}")
         return self.fn[grid](*args, **dict(zip(self._cnames, consts)), **opts)
 
-    def _miss(self, grid, args, constexprs, num_warps: int, launch_pdl: bool = False) -> None:
-        kernel = self._normal(grid, args, constexprs, num_warps, launch_pdl)  # errors propagate
+    def _miss(self, grid, args, constexprs, num_warps: int, launch_pdl: bool = False,
+              maxnreg: Optional[int] = None) -> None:
+        kernel = self._normal(grid, args, constexprs, num_warps, launch_pdl,
+                              maxnreg)  # errors propagate
         try:
             consts = constexprs if type(constexprs) is tuple else self._ordered(constexprs)
             if callable(grid) or any(self._hooks(_knobs)) or len(self._cache) >= _MAX_ENTRIES:
@@ -195,7 +201,7 @@ class CachedLauncher:
             if layout != self._layout:  # e.g. a tensor where an int was: never cache that
                 return
             key, _ = self._spec(*args, *consts)
-            key = (self._device(), self._options(_knobs), num_warps, launch_pdl, key)
+            key = (self._device(), self._options(_knobs), num_warps, launch_pdl, maxnreg, key)
             self._cache[key] = (kernel.run, kernel.function, kernel.packed_metadata)
         except Exception:
             pass  # the kernel ran; this key just stays on the normal path

@@ -115,10 +115,21 @@ def _cache_rows(slot, h, rmask, block_size, num_slots, s_blk, s_slot, s_head,
 
 
 @triton.jit
-def _fp8(val, scale_ptr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr):
+def _cache_scale(scale_ptr, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The fp8 cache's scale, loaded where a K/V region starts: where it is used, after the
+    norm's reduction, its load was one more memory round trip."""
+    if IS_FP8 and HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        scale = 1.0
+    return scale
+
+
+@triton.jit
+def _fp8(val, scale, IS_FP8: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_MAX: tl.constexpr):
     if IS_FP8:
         if HAS_SCALE:
-            val = val / tl.load(scale_ptr).to(tl.float32)
+            val = val / scale
         val = tl.minimum(tl.maximum(val, -FP8_MAX), FP8_MAX)
     return val
 
@@ -374,6 +385,7 @@ def fused_qkv_kernel(
         tab = _table_rows(pos_ptr, t, rmask, table_rows, HAS_POS, IDX64)
         if HAS_CACHE:  # slot loads first: in flight with the activation loads
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            ks = _cache_scale(k_scale, IS_FP8, HAS_KS)
             if not EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
                                        kc_head, SKIP_NEG, IDX64)
@@ -388,9 +400,9 @@ def fused_qkv_kernel(
             if EARLY:  # the slot arithmetic after the loads: it waits for the slots
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, kc_blk, kc_slot,
                                        kc_head, SKIP_NEG, IDX64)
-            _emit(k_cache, rows, ok, _fp8(y1, k_scale, IS_FP8, HAS_KS, FP8_MAX),
-                  _fp8(y2, k_scale, IS_FP8, HAS_KS, FP8_MAX),
-                  _fp8(yt, k_scale, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
+            _emit(k_cache, rows, ok, _fp8(y1, ks, IS_FP8, HAS_KS, FP8_MAX),
+                  _fp8(y2, ks, IS_FP8, HAS_KS, FP8_MAX),
+                  _fp8(yt, ks, IS_FP8, HAS_KS, FP8_MAX), c1, c2, ct, m1, m2, mt,
                   SPLIT, HAS_TAIL, INTERP)
     else:  # V (the grid has exactly NQB + NKB + NVB head tiles)
         t, h, rmask = _tile_rows(pid_t, (pid_h - NQB - NKB) * BLOCK_H, T, HKV, BLOCK_T, BLOCK_H,
@@ -398,6 +410,7 @@ def fused_qkv_kernel(
         m = rmask[:, None] & dm[None, :]
         if HAS_CACHE:
             slot = tl.load(slot_ptr + t, mask=rmask, other=-1)
+            vs = _cache_scale(v_scale, IS_FP8, HAS_VS)
             if not EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
                                        vc_head, SKIP_NEG, IDX64)
@@ -408,7 +421,7 @@ def fused_qkv_kernel(
             if EARLY:
                 rows, ok = _cache_rows(slot, h, rmask, block_size, num_slots, vc_blk, vc_slot,
                                        vc_head, SKIP_NEG, IDX64)
-            _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), v_scale, IS_FP8, HAS_VS,
+            _store(v_cache, rows, d, ok, dm, _fp8(x.to(tl.float32), vs, IS_FP8, HAS_VS,
                                                   FP8_MAX), INTERP)
 
 
@@ -567,8 +580,40 @@ _INDEX32 = True
 # only paid back to back with itself (benchmarks/pdl_bench.py).  Read when a BoundLaunch is
 # built (a FusedQKVLayer keeps its first one).
 _PDL = False
+# ptxas's register budget for launches with early loads (EARLY), on NVIDIA.  Left to itself,
+# ptxas holds those small-T kernels to 32 registers a thread and, to fit, sinks the table and
+# weight loads after the norm's reduction: a second memory round trip (SASS from
+# benchmarks/sass_stats.py).  With room it keeps them first (37-44 registers; the PAIRS path
+# takes 56-64 either way).  H200, CUDA graph, T = 1 / 16 / 64 / 128: Qwen3-8B 1.48 / 1.75 /
+# 1.91 / 2.17 -> 1.36 / 1.54 / 1.68 / 1.99 us, Qwen3-Next T = 64 / 128 2.08 / 2.41 -> 1.84 /
+# 2.14.  None: ptxas's own choice.  Inductor's launches cannot pass it (its autotuner drops
+# the option), but their dynamic-T kernel gets the room from its large-T branch.
+_EARLY_MAX_REGS: Optional[int] = 64
+# Warps a multiprocessor holds at the ~40 registers a thread taken under the budget (48 of 64
+# at 32).  A grid past that many warps on every multiprocessor runs in more than one wave,
+# and occupancy wins back over latency: GLM-4.5 T=128 (7168 warps, 132 SMs) took 3.20 us with
+# the budget against 2.99 without.
+_BUDGET_WARPS_PER_SM = 48
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _maxnreg_ok(device: torch.device) -> bool:
+    """ptxas's register budget is a compile option of Triton's NVIDIA backend only."""
+    if device.type != "cuda" or torch.version.hip is not None \
+            or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -691,6 +736,9 @@ class BoundLaunch:
             write_q, write_k, write_v, write_gate)
         self.interp = q_src.is_cpu
         self.pdl = _PDL and _pdl_ok(self.dev)
+        # warps that run at once under the register budget (0: no budget on this device)
+        self.budget_warps = _BUDGET_WARPS_PER_SM * _sm_count(self.dev) \
+            if _maxnreg_ok(self.dev) else 0
         # the fixed tensors the kernel indexes from their data pointers (int32 check)
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
@@ -748,12 +796,16 @@ class BoundLaunch:
             a[25] = slot_mapping
         a[36] = t
         grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
+        regs = None
+        if tiles.constexprs["EARLY"] and grid[0] * tiles.num_warps <= self.budget_warps:
+            regs = _EARLY_MAX_REGS
         if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-            _cached_launcher()(grid, a, consts, tiles.num_warps, self.pdl)
+            _cached_launcher()(grid, a, consts, tiles.num_warps, self.pdl, regs)
         else:
             fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)),
                                    num_warps=tiles.num_warps,
-                                   **({"launch_pdl": True} if self.pdl else {}))
+                                   **({"launch_pdl": True} if self.pdl else {}),
+                                   **({"maxnreg": regs} if regs is not None else {}))
         return tuple(outs)
 
 

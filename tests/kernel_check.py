@@ -68,9 +68,9 @@ def record_launches(monkeypatch, pick) -> list:
     def spy():
         launcher = real()
 
-        def call(grid, args, consts, num_warps, launch_pdl=False):
+        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
             seen.append(pick(dict(zip(triton_kernel._CONST_NAMES, consts)), launch_pdl))
-            return launcher(grid, args, consts, num_warps, launch_pdl)
+            return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg)
         return call
 
     monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)

@@ -210,6 +210,20 @@ def test_hit_path_calls_the_launcher_like_jit_run(stub):
     assert launch.misses == 5
 
 
+def test_register_budget_is_a_compile_option_and_joins_the_key(stub):
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x = torch.zeros(32)
+    args, consts = (x, 48, 0.5), (True, 8)
+    launch((1,), args, consts, 4)
+    launch((1,), args, consts, 4, False, 64)  # another budget: another compile
+    assert normal[-1] == ((1,), args, dict(C0=True, C1=8, num_warps=4, maxnreg=64))
+    assert (launch.hits, launch.misses) == (0, 2)
+    launch((1,), args, consts, 4, False, 64)
+    launch((1,), args, consts, 4)
+    assert (launch.hits, launch.misses) == (2, 2) and len(compiled.launches) == 2
+
+
 def test_normal_path_when_hooks_grid_or_types_say_so(stub):
     from triton import knobs
 

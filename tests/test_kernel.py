@@ -7,7 +7,7 @@ import torch
 
 from kernels.op_schema import LAYOUT_HND, LAYOUT_NHD
 
-from .cases import Case
+from .cases import Case, make_args
 from .conftest import DEVICES
 from .kernel_check import check_case, index32_choices, record_launches
 
@@ -253,6 +253,39 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     assert seen == [(want, want)]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for i, c in INDEX32_CASES if i in (
+    "base", "gate_fp8_uint8", "row_tail_tiles", "gptj_partial", "t1030_masked_rows")],
+    ids=["base", "gate_fp8_uint8", "row_tail_tiles", "gptj_partial", "t1030_masked_rows"])
+def test_small_t_launches_take_the_register_budget(case, monkeypatch):
+    """Launches with early loads (small T) compile with ptxas's register budget
+    ``_EARLY_MAX_REGS`` (see test_small_t_loads_issue_before_the_reduction), the others with
+    ptxas's own choice, and either way match the reference."""
+    from kernels import triton_kernel
+    seen = []
+    real = triton_kernel._cached_launcher
+
+    def spy():
+        launcher = real()
+
+        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
+            seen.append((dict(zip(triton_kernel._CONST_NAMES, consts))["EARLY"], maxnreg))
+            return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg)
+        return call
+
+    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    torch.manual_seed(zlib.crc32(str(case).encode()) + 3)
+    check_case(case, "cuda")
+    early = case.T < 256
+    assert seen == [(early, triton_kernel._EARLY_MAX_REGS if early else None)]
+    budgets = {k.metadata.maxnreg: k.n_regs for cache in
+               triton_kernel.fused_qkv_kernel.device_caches.values()
+               for k in cache[0].values()}
+    if early:
+        assert 0 < budgets[triton_kernel._EARLY_MAX_REGS] <= triton_kernel._EARLY_MAX_REGS
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the GPU image's Triton, installed beside the venv's by `make test` (see the Makefile)
 DEVICE_TRITON = os.path.join(ROOT, ".triton-device")
@@ -310,6 +343,34 @@ def test_inductor_trampoline_takes_no_more_registers_than_the_op(shape, triton_b
     assert len(regs) == 2, out
     op, trampoline = regs
     assert trampoline <= op, out
+
+
+@pytest.mark.parametrize("triton_build", ["venv", "device"])
+def test_small_t_loads_issue_before_the_reduction(triton_build):
+    """The sm_90 compile (no GPU needed) of small-T launches, as the op makes them (with
+    ``_EARLY_MAX_REGS``): in every exit path all global loads issue before the norm's first
+    shuffle, one memory round trip.  Without the budget ptxas held the kernel to 32 registers
+    and issued table and weight loads after the shuffles (Qwen3-Next T=64 K programs: after
+    the reduction's input arrived), with the venv's Triton and the GPU image's (3.6)."""
+    import re
+    triton_dir = ""
+    if triton_build == "device":
+        if not os.path.isdir(os.path.join(DEVICE_TRITON, "triton")):
+            pytest.skip("the GPU image's Triton is not installed (`make test` installs it)")
+        triton_dir = DEVICE_TRITON
+    sunk = 0
+    for shape, t in (("qwen3-8b", "16"), ("glm-4.5", "64"), ("qwen3-next", "64")):
+        for budget in ([], ["--max-regs", "none"]):
+            out = _sass_stats(shape, t, *budget, triton_dir=triton_dir)
+            order = re.search(r"order=(\S+)", out).group(1)
+            paths = order.split("/")
+            assert len(paths) == 3, out  # Q, K and V programs
+            late = [p for p in paths if "s" in p and "L" in p[p.index("s"):]]
+            if budget:
+                sunk += len(late)
+            else:
+                assert not late, out
+    assert sunk >= 3, "ptxas no longer sinks loads without the budget: is it still needed?"
 
 
 def test_int64_slot_past_2_31_is_skipped_with_int32_offsets(monkeypatch):
@@ -510,6 +571,32 @@ def test_early_loads_only_for_static_small_t():
     assert not dyn.constexprs["EARLY"] and dyn.block_t == 1  # small-T tiles, late loads
     # "auto": early loads below T=1024 (the large-T branch has them off, in the trampoline)
     assert inductor_launch.plan(t, **kw).tiles.constexprs["EARLY"]
+
+
+def test_register_budget_only_for_early_loads_in_one_wave(monkeypatch):
+    """The budget (``_EARLY_MAX_REGS``) goes to launches with early loads whose grid fits on
+    the multiprocessors at once (``_BUDGET_WARPS_PER_SM``): GLM-4.5 on 132 of them takes it
+    at T=64 (896 programs of 4 warps) but not at T=128 (1792), nor at T=256 (late loads), and
+    no device without the option (the CPU) takes it at all."""
+    from kernels import triton_kernel
+    seen = []
+
+    def spy():
+        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
+            seen.append((grid[0], maxnreg))
+        return call
+
+    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    glm = dict(hq=96, hkv=8, d=128, rotary_dim=64, num_blocks=40, block_size=16)
+    triton_kernel.launch(*make_args(Case(T=64, **glm)))
+    monkeypatch.setattr(triton_kernel, "_maxnreg_ok", lambda dev: True)
+    monkeypatch.setattr(triton_kernel, "_sm_count", lambda dev: 132)
+    for t in (64, 128, 256):
+        triton_kernel.launch(*make_args(Case(T=t, **glm)))
+    budget = triton_kernel._EARLY_MAX_REGS
+    assert budget is not None
+    assert seen == [(896, None), (896, budget), (1792, None), (1792, None)]
 
 
 def test_mid_t_tiles_for_many_head_models():
