@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +233,7 @@ def print_floors(args, bw: float, launch_us: float) -> None:
                   f"{min(times) / cp:10.2f}", flush=True)
 
 
-def _budgets(spec: str) -> list:
+def _budgets(spec: str) -> list[Optional[int]]:
     return [None if b == "none" else int(b) for b in spec.split(",")]
 
 
@@ -257,6 +258,8 @@ def main():
     args = ap.parse_args()
     from kernels import triton_kernel
     if args.max_regs and not args.floors:
+        if "," in args.max_regs:
+            ap.error("--max-regs takes a list only with --floors")
         triton_kernel._EARLY_MAX_REGS = _budgets(args.max_regs)[0]
     if args.int64:
         triton_kernel._INDEX32 = False

@@ -134,6 +134,8 @@ def main() -> int:
     (grid, kargs, kkw), = cap.calls
     kkw = dict(kkw)
     num_warps = kkw.pop("num_warps")
+    regs = kkw.pop("maxnreg", None)  # the op's small-T register budget (NVIDIA)
+    opt = {"maxnreg": regs} if regs is not None else {}
     print(f"# kernel: {len(kargs)} runtime args, {len(kkw)} constexprs, grid {grid}, "
           f"num_warps {num_warps}")
 
@@ -163,11 +165,11 @@ def main() -> int:
         ("(ii)   custom_op.split_norm_rope_cache_impl (no validation)",
          lambda: custom_op.split_norm_rope_cache_impl(*head, *tail)),
         ("(iii)  fused_qkv_kernel[grid](...), outputs pre-allocated",
-         lambda: kern[grid](*kargs, **kkw, num_warps=num_warps)),
+         lambda: kern[grid](*kargs, **kkw, num_warps=num_warps, **opt)),
         ("(iv)   CachedLauncher, constexprs as dict",
-         lambda: launcher(grid, kargs, kkw, num_warps)),
+         lambda: launcher(grid, kargs, kkw, num_warps, False, regs)),
         ("(iv-b) CachedLauncher, constexprs as tuple",
-         lambda: launcher(grid, kargs, consts, num_warps)),
+         lambda: launcher(grid, kargs, consts, num_warps, False, regs)),
         ("(v)    torch.empty x4 as launch() allocates here (q + 3 x (0,))",
          lambda: [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in outs_decode]),
         ("(v-b)  torch.empty x4, q/k/v/gate shapes",
@@ -227,9 +229,9 @@ def main() -> int:
     # exactness: the cached launcher launches the same kernel as the normal path
     ok = True
     ref, got = _copy_args(kargs), _copy_args(kargs)
-    kern[grid](*ref, **kkw, num_warps=num_warps)
+    kern[grid](*ref, **kkw, num_warps=num_warps, **opt)
     hits0 = launcher.hits
-    launcher(grid, got, kkw, num_warps)
+    launcher(grid, got, kkw, num_warps, False, regs)
     torch.cuda.synchronize()
     same = all(_bits_equal(a, b) for a, b in zip(ref, got) if isinstance(a, torch.Tensor))
     ok &= same

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,7 +63,8 @@ def capture(name: str, t: int, gate: bool):
     return grid, args, consts, warps
 
 
-def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = (), maxnreg=None):
+def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = (),
+                 maxnreg: Optional[int] = None):
     """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name;
     the float arguments named in ``fp64`` typed fp64, as Inductor types Python floats;
     ``maxnreg``: ptxas's register budget (None: its own choice)."""
@@ -179,7 +181,8 @@ def main():
     print(f"# triton {triton.__version__} (sm_90 compile)")
     grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
     op = op_args(args, consts)
-    regs = triton_kernel._EARLY_MAX_REGS if op["EARLY"] else None  # as BoundLaunch on NVIDIA
+    # as BoundLaunch on NVIDIA, less its one-wave rule (no device here to count SMs)
+    regs = triton_kernel._EARLY_MAX_REGS if op["EARLY"] else None
     if a.max_regs is not None:
         regs = None if a.max_regs == "none" else int(a.max_regs)
     k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps, maxnreg=regs)

@@ -217,6 +217,7 @@ def test_register_budget_is_a_compile_option_and_joins_the_key(stub):
     args, consts = (x, 48, 0.5), (True, 8)
     launch((1,), args, consts, 4)
     launch((1,), args, consts, 4, False, 64)  # another budget: another compile
+    assert normal[0][2] == dict(C0=True, C1=8, num_warps=4)  # no budget: no option (HIP)
     assert normal[-1] == ((1,), args, dict(C0=True, C1=8, num_warps=4, maxnreg=64))
     assert (launch.hits, launch.misses) == (0, 2)
     launch((1,), args, consts, 4, False, 64)

@@ -253,10 +253,12 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     assert seen == [(want, want)]
 
 
+BUDGET_CASES = [(i, c) for i, c in INDEX32_CASES if i in (
+    "base", "gate_fp8_uint8", "row_tail_tiles", "gptj_partial", "t1030_masked_rows")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for i, c in INDEX32_CASES if i in (
-    "base", "gate_fp8_uint8", "row_tail_tiles", "gptj_partial", "t1030_masked_rows")],
-    ids=["base", "gate_fp8_uint8", "row_tail_tiles", "gptj_partial", "t1030_masked_rows"])
+@pytest.mark.parametrize("case", [c for i, c in BUDGET_CASES], ids=[i for i, _ in BUDGET_CASES])
 def test_small_t_launches_take_the_register_budget(case, monkeypatch):
     """Launches with early loads (small T) compile with ptxas's register budget
     ``_EARLY_MAX_REGS`` (see test_small_t_loads_issue_before_the_reduction), the others with
@@ -277,7 +279,7 @@ def test_small_t_launches_take_the_register_budget(case, monkeypatch):
     monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
     torch.manual_seed(zlib.crc32(str(case).encode()) + 3)
     check_case(case, "cuda")
-    early = case.T < 256
+    early = case.T < triton_kernel._T_MID
     assert seen == [(early, triton_kernel._EARLY_MAX_REGS if early else None)]
     budgets = {k.metadata.maxnreg: k.n_regs for cache in
                triton_kernel.fused_qkv_kernel.device_caches.values()
