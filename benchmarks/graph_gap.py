@@ -5,9 +5,9 @@ its kernel does (GPU).
 
 For the op and ``+pass`` of one shape and T: the memory a capture of ``do_bench_cudagraph``'s
 kind (many calls in one graph) holds, and the time per call of (a) that timing, (b) one call
-captured in a graph and replayed, (c) plain launches (``do_bench``, no graph).  If (a) is
-slower than (b) only for ``+pass`` and its capture holds much more memory, each captured call
-writes fresh memory: the timing method, not the kernel, makes the gap.
+captured in a graph and replayed, (c) plain launches (``do_bench``, no graph).  A capture
+holding much more memory for ``+pass`` would mean each captured call writes fresh memory (on
+the H200 it did not: BENCHMARKS.md, "Eleventh session").
 """
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ def main():
     # as BoundLaunch on NVIDIA, less its one-wave rule (no device here to count SMs)
     regs = triton_kernel._EARLY_MAX_REGS if op["EARLY"] else None
     if a.max_regs is not None:
-        regs = None if a.max_regs == "none" else int(a.max_regs)
+        regs = bench_op._budgets(a.max_regs)[0]
     k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps, maxnreg=regs)
     print(f"{a.shape} T={a.tokens} {' '.join(a.opts)} grid={grid} warps={warps} maxnreg={regs} "
           f"idx64={int(op['IDX64'])}:",

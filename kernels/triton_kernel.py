@@ -591,9 +591,8 @@ _PDL = False
 _EARLY_MAX_REGS: Optional[int] = 64
 # Warps a multiprocessor holds under the budget: 40 at 44 registers a thread (the most seen,
 # 42 warps in 4-warp programs; 48 at 40).  A grid past that many warps on every
-# multiprocessor runs in more than one wave,
-# and occupancy wins back over latency: GLM-4.5 T=128 (7168 warps, 132 SMs) took 3.20 us with
-# the budget against 2.99 without.
+# multiprocessor runs in more than one wave, and occupancy wins back over latency: GLM-4.5
+# T=128 (7168 warps, 132 SMs) took 3.20 us with the budget against 2.99 without.
 _BUDGET_WARPS_PER_SM = 40
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None

@@ -60,7 +60,7 @@ def _bits(cache: torch.Tensor, layout: int) -> torch.Tensor:
 
 def record_launches(monkeypatch, pick) -> list:
     """Launch through the cached launcher (``_FAST_LAUNCH``) and record, launch by launch,
-    ``pick(constexprs by name, launch_pdl)``."""
+    ``pick(constexprs by name, launch_pdl, maxnreg)``."""
     from kernels import triton_kernel
     seen = []
     real = triton_kernel._cached_launcher
@@ -69,7 +69,8 @@ def record_launches(monkeypatch, pick) -> list:
         launcher = real()
 
         def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
-            seen.append(pick(dict(zip(triton_kernel._CONST_NAMES, consts)), launch_pdl))
+            seen.append(pick(dict(zip(triton_kernel._CONST_NAMES, consts)), launch_pdl,
+                             maxnreg))
             return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg)
         return call
 
@@ -83,7 +84,7 @@ def index32_choices(monkeypatch, on: bool = True) -> list:
     the ``IDX64`` constexpr the kernel was launched with (False: int32 offsets)."""
     from kernels import triton_kernel
     monkeypatch.setattr(triton_kernel, "_INDEX32", on)
-    return record_launches(monkeypatch, lambda consts, pdl: consts["IDX64"])
+    return record_launches(monkeypatch, lambda consts, pdl, regs: consts["IDX64"])
 
 
 def check_case(case: Case, device: str = "cpu") -> None:

@@ -244,7 +244,7 @@ def test_pdl_launch_matches_reference(case, monkeypatch):
     kernel still matches the reference."""
     from kernels import triton_kernel
     monkeypatch.setattr(triton_kernel, "_PDL", True)
-    seen = record_launches(monkeypatch, lambda consts, pdl: (pdl, consts["PDL"]))
+    seen = record_launches(monkeypatch, lambda consts, pdl, regs: (pdl, consts["PDL"]))
     torch.manual_seed(zlib.crc32(str(case).encode()) + 2)
     check_case(case, "cuda")
     want = triton_kernel._pdl_ok(torch.device("cuda", torch.cuda.current_device()))
@@ -264,19 +264,7 @@ def test_small_t_launches_take_the_register_budget(case, monkeypatch):
     ``_EARLY_MAX_REGS`` (see test_small_t_loads_issue_before_the_reduction), the others with
     ptxas's own choice, and either way match the reference."""
     from kernels import triton_kernel
-    seen = []
-    real = triton_kernel._cached_launcher
-
-    def spy():
-        launcher = real()
-
-        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
-            seen.append((dict(zip(triton_kernel._CONST_NAMES, consts))["EARLY"], maxnreg))
-            return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg)
-        return call
-
-    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    seen = record_launches(monkeypatch, lambda consts, pdl, regs: (consts["EARLY"], regs))
     torch.manual_seed(zlib.crc32(str(case).encode()) + 3)
     check_case(case, "cuda")
     early = case.T < triton_kernel._T_MID
