@@ -41,6 +41,7 @@ class FusedQKVLayer:
         self._sig: Optional[tuple] = None  # what the validated call looked like
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
+        self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         sig = self._sig
@@ -60,6 +61,7 @@ class FusedQKVLayer:
             # hundreds of MB) must not live as long as the layer
             self._call = call.with_step(None, None, None)
             self._bound = None
+            self._plans = {}
             if call.cache is not None and _use_triton(qkv.device):
                 from .triton_kernel import BoundLaunch  # triton is imported lazily
 
@@ -82,7 +84,13 @@ class FusedQKVLayer:
         slots = slot_mapping if slot_mapping.shape[0] == t else slot_mapping[:t]
         if self._bound is None:
             return run(self._call.with_step(qkv, positions, slots))
-        out = FusedQKV(*self._bound(qkv, qkv, qkv, positions, slots))
+        key = (t, qkv.stride(0))  # with the bound width, all a plan depends on
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            plan = self._plans[key] = self._bound.plan(qkv, qkv, qkv)
+        out = FusedQKV(*self._bound(qkv, qkv, qkv, positions, slots, plan=plan))
         cache = self._call.cache  # what the dispatcher would do for the mutated caches
         torch.autograd.graph.increment_version((cache[0], cache[1]))
         return out

@@ -703,11 +703,12 @@ class BoundLaunch:
         self.wants = ((write_q, hq), (write_k, hkv), (write_v, hkv), (write_gate, hq))
         self.share_empty = share_empty
         self.has_cache, self.has_pos = has_cache, positions is not None
-        fp8 = None
+        fp8 = self._fp8_view = None
         if has_cache:
             fp8 = fp8_dtype_of(key_cache.dtype, kv_cache_dtype)
             if key_cache.dtype == torch.uint8:  # fp8 bytes: let Triton see the real format
                 key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
+                self._fp8_view = fp8  # (again for each call's own caches, see __call__)
             nb, bs, kb, ks, kh, _ = cache_geometry(key_cache, cache_layout)
             _, _, vb, vs, vh, _ = cache_geometry(value_cache, cache_layout)
             num_slots = nb * bs
@@ -735,6 +736,15 @@ class BoundLaunch:
             skip_negative_slots, fp8 is not None, k_scale is not None, v_scale is not None,
             float(torch.finfo(fp8).max) if fp8 is not None else 0.0,
             write_q, write_k, write_v, write_gate)
+        # kernel argument slots that hold the fixed tensors, and which of them (index into
+        # __call__'s ``fixed``; 2 = cos stands in for an absent one): ``unbind`` empties
+        # them, ``__call__(..., fixed=)`` refills them
+        present = (q_weight, k_weight, cos, sin, key_cache, value_cache, k_scale, v_scale)
+        self._slots = tuple((slot, j if present[j] is not None else 2) for slot, j in
+                            ((9, 0), (10, 1), (13, 2), (14, 3), (23, 4), (24, 5), (34, 6),
+                             (35, 7)))
+        self._slots += ((17, 2),) if not self.has_pos else ()
+        self._slots += ((25, 2),) if not has_cache else ()
         self.interp = q_src.is_cpu
         self.pdl = _PDL and _pdl_ok(self.dev)
         # warps that run at once under the register budget (0: no budget on this device)
@@ -744,6 +754,16 @@ class BoundLaunch:
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
         self.out_row = max(hq, hkv) * d  # elements a token of the widest output
+
+    def unbind(self) -> "BoundLaunch":
+        """Drop the fixed tensors (every call then passes them as ``fixed``), so that a kept
+        launch does not hold caches alive; only their geometry stays.  Returns self."""
+        if self.fixed_span is None:
+            self.fixed_span = self._fixed_span()
+        for slot, _ in self._slots:
+            self.args[slot] = None
+        self._fixed = ()
+        return self
 
     def _fixed_span(self) -> int:
         """The largest span of the caches and tables.  A table's is bounded by its rows times
@@ -769,17 +789,14 @@ class BoundLaunch:
             outs.append(out if poison is None else out.fill_(poison))
         return outs
 
-    def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, poison=None):
+    def plan(self, q_src, k_src, v_src) -> tuple:
+        """What a launch over these sources needs besides their data: (grid, constexprs,
+        num_warps, register budget or None); ``()`` when there is nothing to launch.  It
+        depends on the sources' token count, shapes and strides only."""
         t = q_src.shape[0]
-        outs = self._alloc(t, poison)
-        if t == 0:
-            return tuple(outs)
-        tiles = tile_plan(t, *self.shape)
+        tiles = tile_plan(t, *self.shape) if t else None
         if tiles is None:
-            return tuple(outs)
-        a = self.args.copy()
-        a[0], a[1], a[2] = q_src, k_src, v_src
-        a[3], a[4], a[5] = q_src.stride(0), k_src.stride(0), v_src.stride(0)
+            return ()
         idx64 = True
         if _INDEX32:
             if self.fixed_span is None:
@@ -790,21 +807,43 @@ class BoundLaunch:
         # the plan's constexprs are built in _TILE_CONSTS order (tests check it)
         consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp,
                                                                     self.pdl)
+        grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
+        regs = None
+        if tiles.constexprs["EARLY"] and grid[0] * tiles.num_warps <= self.budget_warps:
+            regs = _EARLY_MAX_REGS
+        return grid, consts, tiles.num_warps, regs
+
+    def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, fixed=None,
+                 plan=None, poison=None):
+        """Launch for one step.  ``fixed``: (q_weight, k_weight, cos, sin, key_cache,
+        value_cache, k_scale, v_scale) of the same geometry as those bound, for a launch that
+        was ``unbind``-ed (None where the bound call had None).  ``plan``: ``self.plan`` of
+        sources with this step's shapes and strides (worked out here when None)."""
+        outs = self._alloc(q_src.shape[0], poison)
+        if plan is None:
+            plan = self.plan(q_src, k_src, v_src)
+        if not plan:
+            return tuple(outs)
+        grid, consts, num_warps, regs = plan
+        a = self.args.copy()
+        if fixed is not None:
+            if self._fp8_view is not None:  # uint8 caches holding fp8 bytes
+                fixed = fixed[:4] + (fixed[4].view(self._fp8_view),
+                                     fixed[5].view(self._fp8_view)) + fixed[6:]
+            for slot, j in self._slots:
+                a[slot] = fixed[j]
+        a[0], a[1], a[2] = q_src, k_src, v_src
+        a[3], a[4], a[5] = q_src.stride(0), k_src.stride(0), v_src.stride(0)
         a[19], a[20], a[21], a[22] = outs
         if self.has_pos:
             a[17] = positions
         if self.has_cache:
             a[25] = slot_mapping
-        a[36] = t
-        grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
-        regs = None
-        if tiles.constexprs["EARLY"] and grid[0] * tiles.num_warps <= self.budget_warps:
-            regs = _EARLY_MAX_REGS
+        a[36] = q_src.shape[0]
         if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-            _cached_launcher()(grid, a, consts, tiles.num_warps, self.pdl, regs)
+            _cached_launcher()(grid, a, consts, num_warps, self.pdl, regs)
         else:
-            fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)),
-                                   num_warps=tiles.num_warps,
+            fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)), num_warps=num_warps,
                                    **({"launch_pdl": True} if self.pdl else {}),
                                    **({"maxnreg": regs} if regs is not None else {}))
         return tuple(outs)

@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
 
 # Devices for parametrized kernel tests: the CPU (interpreter) always; CUDA marked gpu.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_entry_point():
+    """Each test starts with no remembered entry-point calls: a remembered launch keeps the
+    module settings (PDL, register budget) it was built under, which some tests change."""
+    from kernels import api
+
+    api.forget_calls()
+    yield
