@@ -15,6 +15,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Optional
@@ -247,6 +248,10 @@ def main():
                     help="only the fused op against its floors at these T (NHD)")
     ap.add_argument("--tokens", default=None, metavar="T,T,...", help="these T only")
     ap.add_argument("--layouts", default="NHD,HND")
+    ap.add_argument("--repeats", type=int, default=1, metavar="N",
+                    help="time every implementation N times, round by round, each a fresh "
+                    "CUDA-graph capture, and report the median (a capture's timing of one "
+                    "call at T = 65536 moved by 5%% from one capture to the next)")
     ap.add_argument("--tile", default=None, metavar="BT,BH,W[,pairs[,early[,row_tail]]]",
                     help="force this tile on every launch, the op's and the pass's")
     ap.add_argument("--int64", action="store_true",
@@ -304,20 +309,24 @@ def main():
             for t in tokens:
                 inp, kw, cbytes = make_inputs(name, t, hnd)
                 graph = True  # CUDA-graph replays: device time without host launch cost
-                res = {}
-                for label, fn, extra in (("eager", unfused, dict(opaque=False)),
-                                         ("compile", comp, dict(opaque=False)),
-                                         ("c+opaque", comp, dict(opaque=True)),
-                                         ("fused", fused, dict(opaque=False)),
-                                         ("pass", with_pass, dict(opaque=False))):
-                    call = lambda: fn(*inp, **kw, **extra)  # noqa: E731
-                    try:
-                        call()
-                        torch.cuda.synchronize()
-                        res[label] = bench(call, graph) * 1e3  # us
-                    except Exception as e:  # a baseline that cannot run is reported, not fatal
-                        print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
-                        res[label] = float("nan")
+                times: dict = {}
+                # --repeats: rounds over all implementations, each timing a fresh capture
+                for _ in range(args.repeats):
+                    for label, fn, extra in (("eager", unfused, dict(opaque=False)),
+                                             ("compile", comp, dict(opaque=False)),
+                                             ("c+opaque", comp, dict(opaque=True)),
+                                             ("fused", fused, dict(opaque=False)),
+                                             ("pass", with_pass, dict(opaque=False))):
+                        call = lambda: fn(*inp, **kw, **extra)  # noqa: E731
+                        try:
+                            call()
+                            torch.cuda.synchronize()
+                            us = bench(call, graph) * 1e3
+                        except Exception as e:  # a baseline that cannot run: reported, not fatal
+                            print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
+                            us = float("nan")
+                        times.setdefault(label, []).append(us)
+                res = {k: statistics.median(v) for k, v in times.items()}
                 fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
                 floor_us = max(fb / bw * 1e6, launch_us)
                 copy_us = copy_floor_us(fb)

@@ -1,9 +1,11 @@
 """Why the compiled module (+pass) takes longer in ``bench_op.py``'s CUDA-graph timing than
 its kernel does (GPU).
 
-    python benchmarks/graph_gap.py [--shape glm-4.5] [--tokens 65536]
+    python benchmarks/graph_gap.py [--shape glm-4.5] [--tokens 65536] [--impls op,+pass,op]
 
-For the op and ``+pass`` of one shape and T: the memory a capture of ``do_bench_cudagraph``'s
+For the op, ``+pass`` (dynamic T, as ``bench_op.py`` compiles it) and ``static`` (``+pass``
+compiled for this T only: a trampoline without the T switch), in the order ``--impls`` gives
+(by default the op again last: drift), of one shape and T: the memory a capture of ``do_bench_cudagraph``'s
 kind (many calls in one graph) holds, and the time per call of (a) that timing, (b) one call
 captured in a graph and replayed, (c) plain launches (``do_bench``, no graph).  A capture
 holding much more memory for ``+pass`` would mean each captured call writes fresh memory (on
@@ -49,15 +51,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="glm-4.5")
     ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--impls", default="op,+pass,static,op",
+                    help="what to time, in this order (repeats allowed)")
     a = ap.parse_args()
     torch._inductor.config.fx_graph_cache = False
     with_pass = torch.compile(bench_op.unfused, backend=fusion_pass.make_backend())
     warm, kw, _ = bench_op.make_inputs(a.shape, 16, False)
     with_pass(*warm, **kw, opaque=False)  # the dynamic-T graph, as bench_op.py compiles it
+    # the same for this T only: no T switch in the trampoline, a third of its code
+    static = torch.compile(bench_op.unfused, backend=fusion_pass.make_backend(), dynamic=False)
     inp, kw, _ = bench_op.make_inputs(a.shape, a.tokens, False)
     print(f"# {torch.cuda.get_device_name()} {a.shape} T={a.tokens} NHD, us a call")
     print(f"{'impl':8} {'bench_op':>9} {'1-call graph':>12} {'no graph':>9} {'capture MiB':>11}")
-    for label, fn in (("op", bench_op.fused), ("+pass", with_pass)):
+    impls = {"op": bench_op.fused, "+pass": with_pass, "static": static}
+    for label in a.impls.split(","):
+        fn = impls[label]
         call = lambda: fn(*inp, **kw, opaque=False)  # noqa: E731
         call()
         torch.cuda.synchronize()

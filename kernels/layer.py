@@ -42,6 +42,10 @@ class FusedQKVLayer:
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
         self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
+        # triton_kernel.launch_settings and its value when the launch was bound: benchmarks
+        # change the tile, offset and register settings between calls
+        self._settings_of = None
+        self._settings: Optional[tuple] = None
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         sig = self._sig
@@ -52,7 +56,8 @@ class FusedQKVLayer:
             t = qkv.shape[0]
             if positions.shape[0] == t and slot_mapping.shape[0] >= t and \
                     (t < 2 or positions.stride(0) == 1 and slot_mapping.stride(0) == 1) and \
-                    self._geometry() == self._geom and not _tracing():
+                    self._geometry() == self._geom and not _tracing() and \
+                    (self._bound is None or self._settings == self._settings_of()):
                 return self._launch(qkv, positions, slot_mapping, t)
         call = prepare(qkv, positions=positions, slot_mapping=slot_mapping, **self._kw)
         out = run(call)
@@ -63,10 +68,13 @@ class FusedQKVLayer:
             self._bound = None
             self._plans = {}
             if call.cache is not None and _use_triton(qkv.device):
-                from .triton_kernel import BoundLaunch  # triton is imported lazily
+                # triton is imported lazily
+                from .triton_kernel import BoundLaunch, launch_settings
 
                 self._bound = BoundLaunch(*call.head, *call.cache, *call.flags,
                                           share_empty=True)
+                self._settings_of = launch_settings
+                self._settings = launch_settings()
             self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
                          positions.device, slot_mapping.dtype, slot_mapping.device)
             self._geom = self._geometry()

@@ -626,6 +626,12 @@ def _pdl_ok(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def launch_settings() -> tuple:
+    """The module settings a kept launch (``BoundLaunch`` and its plans) was built under:
+    benchmarks change them between calls with the same arguments."""
+    return _BLOCK_OVERRIDE, _INDEX32, _EARLY_MAX_REGS, _PDL, _BUDGET_WARPS_PER_SM
+
+
 def _cached_launcher() -> CachedLauncher:
     """fused_qkv_kernel's CachedLauncher (rebuilt when a test swaps the kernel out)."""
     global _launcher

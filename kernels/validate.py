@@ -4,6 +4,7 @@ Only host-side metadata is read (shapes, strides, dtypes, devices): no device sy
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -87,6 +88,20 @@ def norm_weight(name: str, w: Optional[Tensor], head_dim: int) -> None:
         raise ValueError(f"{name} must be floating point, got {w.dtype}")
     if w.stride(0) != 1:
         raise ValueError(f"{name} must be contiguous")
+
+
+def flag(name: str, x, *, optional: bool = False) -> None:
+    if x is None and optional:
+        return
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+
+
+def finite(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
 
 
 def eps_value(eps) -> None:

@@ -89,18 +89,22 @@ def test_a_known_call_writes_through_its_own_tensors(device, form, monkeypatch):
     validated = []
     real = api.prepare
     monkeypatch.setattr(api, "prepare", lambda *a, **k: validated.append(1) or real(*a, **k))
+    versions = kw["key_cache"]._version, kw["value_cache"]._version
     check_run(full, lambda: split_norm_rope_cache(**kw))
     assert validated == [], "a call with a validated signature was validated again"
+    assert kw["key_cache"]._version > versions[0] and kw["value_cache"]._version > versions[1], \
+        "autograd must see both caches written"
     assert torch.equal(first["key_cache"], before[0]), "wrote into the first call's cache"
     assert torch.equal(first["value_cache"], before[1]), "wrote into the first call's cache"
 
 
-def test_known_calls_keep_no_tensors_alive():
-    kw = dict(_fixed("cpu", "fp8", 0), **_step("cpu", "fp8", 1))
+@pytest.mark.parametrize("form", ["vllm", "fp8", "hf"])
+def test_known_calls_keep_no_tensors_alive(form):
+    kw = dict(_fixed("cpu", form, 0), **_step("cpu", form, 1))
     split_norm_rope_cache(**kw)
     split_norm_rope_cache(**kw)  # a remembered call
     assert len(api._KNOWN) == 1
-    names = ("key_cache", "value_cache", "cos_sin_cache", "q_weight", "k_scale", "qkv")
+    names = [n for n, v in kw.items() if isinstance(v, torch.Tensor)]
     refs = [weakref.ref(kw[n]) for n in names]
     del kw
     api._HALVES.clear()  # the table's cached halves (at most 16 tables) hold the table
@@ -116,7 +120,12 @@ def test_known_calls_keep_no_tensors_alive():
     (dict(positions=[0, 1, 2, 3, 4]), TypeError, "positions"),  # unhashable
     (dict(key_cache=torch.randn(6, 4, 2, 64).to(torch.bfloat16)[:, :, :, :32]), ValueError,
      "head_dim"),
-], ids=["eps_bool", "positions_float", "slots_short", "positions_list", "cache_view"])
+    (dict(weight_offset=torch.tensor(1.0)), TypeError, "weight_offset"),  # no value in key
+    (dict(is_neox=torch.tensor(False)), TypeError, "is_neox"),
+    (dict(apply_norm=(torch.ones(1),)), TypeError, "apply_norm"),
+    (dict(weight_offset=float("nan")), ValueError, "weight_offset"),
+], ids=["eps_bool", "positions_float", "slots_short", "positions_list", "cache_view",
+        "weight_offset_tensor", "is_neox_tensor", "apply_norm_tuple", "weight_offset_nan"])
 def test_what_differs_from_a_known_call_is_validated(over, exc, words):
     kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1), eps=1.0)
     split_norm_rope_cache(**kw)
@@ -136,3 +145,69 @@ def test_known_calls_are_bounded():
                               positions=torch.randint(0, 40, (t,), generator=g),
                               slot_mapping=torch.full((t,), -1), **kw)  # no writes
         assert 1 <= len(api._KNOWN) <= api._KNOWN_MAX
+
+
+def _rerun_validated(kw):
+    """``run(prepare(...))`` on copies of the caches: the validated path, for comparison."""
+    kc, vc = kw["key_cache"].clone(), kw["value_cache"].clone()
+    out = api.run(api.prepare(**dict(kw, key_cache=kc, value_cache=vc)))
+    return out, kc, vc
+
+
+@pytest.mark.parametrize("form,over", [
+    ("vllm", dict(is_neox=False)), ("vllm", dict(eps=1e-5)), ("vllm", dict(eps=-0.0)),
+    ("vllm", dict(weight_offset=1.0)), ("vllm", dict(rotary_dim=32)),
+    ("vllm", dict(slot_mode="index")), ("vllm", dict(return_q=False, return_k=True)),
+    ("vllm", dict(apply_norm=False)), ("fp8", dict(gate="blocked")),
+    ("fp8", dict(kv_cache_dtype="fp8_e5m2")), ("fp8", dict(return_gate=False)),
+], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_a_changed_valid_value_is_not_a_known_call(form, over):
+    """Each value counts: a call that differs from a remembered one in one valid value does
+    what the validated path does with it, not what the remembered call did."""
+    kw = dict(_fixed("cpu", form, 0), **_step("cpu", form, 1))
+    split_norm_rope_cache(**kw)
+    split_norm_rope_cache(**kw)  # remembered
+    kw2 = dict(kw, **over)
+    want, kc, vc = _rerun_validated(kw2)
+    got = split_norm_rope_cache(**kw2)
+    for name, a, b in zip("qkvg", got, want):
+        assert torch.equal(a, b), f"{name} differs from the validated path with {over}"
+    assert torch.equal(kw2["key_cache"], kc) and torch.equal(kw2["value_cache"], vc)
+    assert len(api._KNOWN) == 2
+
+
+def test_known_calls_follow_the_launch_settings(monkeypatch):
+    """Benchmarks change the tile, offset and register settings between calls with the same
+    arguments: a remembered call (and FusedQKVLayer's plans) must launch with the new ones."""
+    from kernels import FusedQKVLayer, triton_kernel
+
+    from .kernel_check import record_launches
+    seen = record_launches(monkeypatch, lambda c, pdl, regs: (c["BLOCK_T"], c["IDX64"]))
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    step = {n: kw.pop(n) for n in ("qkv", "positions", "slot_mapping")}
+    layer = FusedQKVLayer(**kw)
+    for _ in range(2):
+        split_norm_rope_cache(**kw, **step)
+        layer(*step.values())
+    assert seen == [(1, False)] * 4, seen
+    monkeypatch.setattr(triton_kernel, "_BLOCK_OVERRIDE", (4, 2, 4))
+    monkeypatch.setattr(triton_kernel, "_INDEX32", False)
+    split_norm_rope_cache(**kw, **step)
+    layer(*step.values())
+    assert seen[4:] == [(4, True)] * 2, seen
+
+
+def test_tracing_never_takes_a_known_call():
+    """Under tracing the entry point must put the registered op in the graph, even for a
+    signature it remembers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    names = [n for n, v in kw.items() if isinstance(v, torch.Tensor)]
+    split_norm_rope_cache(**kw)
+    assert len(api._KNOWN) == 1
+
+    def f(*tensors):
+        return split_norm_rope_cache(**dict(kw, **dict(zip(names, tensors)))).q
+
+    gm = make_fx(f)(*(kw[n] for n in names))
+    assert "fused_qkv.split_norm_rope_cache" in gm.code, gm.code
