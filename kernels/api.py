@@ -95,7 +95,8 @@ def run(call: OpCall) -> FusedQKV:
 
 # Validated eager calls with a cache, by signature: a later call with the same signature is
 # valid too and launches the same kernel, so it skips validation and the launch's set-up
-# (~60% of the entry point's host time).  At most _KNOWN_MAX; the oldest goes first.
+# (~60% of the entry point's host time).  At most _KNOWN_MAX; the least recently used goes
+# first.
 _KNOWN: dict = {}
 _KNOWN_MAX = 64
 _TENSOR_ARGS = frozenset(("q", "k", "v", "q_weight", "k_weight", "positions", "cos_sin_cache",
@@ -130,12 +131,13 @@ class _KnownCall:
     views that ``prepare`` makes and refills the kept launch's tensors, which it does not
     hold (a kept launch must not keep caches alive)."""
 
-    __slots__ = ("bound", "plan", "rotary_dim", "settings")
+    __slots__ = ("bound", "plan", "rotary_dim", "settings", "on_cpu")
 
     def __init__(self, call: OpCall) -> None:
         from .triton_kernel import BoundLaunch, launch_settings  # triton is imported lazily
 
         self.settings = launch_settings()  # what the launch below was built under
+        self.on_cpu = call.head[0].device.type == "cpu"  # Triton only while TRITON_INTERPRET=1
         self.bound = BoundLaunch(*call.head, *call.cache, *call.flags, share_empty=True)
         self.plan = self.bound.plan(*call.head[:3])  # the signature fixes T and the strides
         self.bound.unbind()
@@ -171,6 +173,7 @@ def forget_calls() -> None:
 
 
 _SETTINGS = None  # triton_kernel.launch_settings, once triton is imported
+_CPU = torch.device("cpu")
 
 
 def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
@@ -211,7 +214,10 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
         except Exception:  # unhashable, no strides...: validation below names the argument
             key = known = None
         # the tile, offset and register settings are module globals that benchmarks change
-        if known is not None and known.settings == _SETTINGS():
+        if known is not None and known.settings == _SETTINGS() and \
+                not (known.on_cpu and not _use_triton(_CPU)):
+            _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
+            _KNOWN[key] = known    # another thread evicted it meanwhile)
             return known(qkv, kwargs)
     call = prepare(qkv, **kwargs)
     if key is None or not call.direct or call.cache is None or \

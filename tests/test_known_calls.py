@@ -137,14 +137,77 @@ def test_what_differs_from_a_known_call_is_validated(over, exc, words):
     assert torch.equal(kw["key_cache"], kc0), "a rejected call wrote the cache"
 
 
-def test_known_calls_are_bounded():
+def test_known_calls_are_bounded_and_the_least_recently_used_goes():
     kw = _fixed("cpu", "vllm", 0)
-    for t in range(1, api._KNOWN_MAX + 3):  # each T is a new signature
+
+    def call(t):  # each T is a new signature
         g = torch.Generator().manual_seed(t)
         split_norm_rope_cache(torch.randn(t, 512, generator=g).to(torch.bfloat16),
                               positions=torch.randint(0, 40, (t,), generator=g),
                               slot_mapping=torch.full((t,), -1), **kw)  # no writes
-        assert 1 <= len(api._KNOWN) <= api._KNOWN_MAX
+        return next(reversed(api._KNOWN))  # the key just used
+
+    keys = [call(t) for t in range(1, api._KNOWN_MAX + 1)]
+    assert len(api._KNOWN) == api._KNOWN_MAX
+    assert call(1) == keys[0]  # a hit: T = 1 is now the most recently used
+    last = call(api._KNOWN_MAX + 1)
+    assert len(api._KNOWN) == api._KNOWN_MAX
+    assert keys[0] in api._KNOWN and last in api._KNOWN
+    assert keys[1] not in api._KNOWN, "the least recently used signature should go first"
+
+
+def test_signature_keeps_apart_what_validation_tells_apart():
+    import numpy as np
+    t = torch.zeros(3, 4)
+    sig = api._signature
+    assert len({sig(t, dict(eps=v)) for v in (True, 1, 1.0)}) == 3
+    assert sig(t, dict(eps=0.0)) != sig(t, dict(eps=-0.0))
+    assert sig(t, dict(gate=None)) != sig(t, dict(gate="None"))
+    assert sig(t, dict(eps=np.float32(1e-6))) is None  # no key: validated every time
+    assert sig(t, dict(weight_offset=torch.tensor(1.0))) is None  # a tensor as a scalar
+    assert sig(t, dict(q_weight=torch.ones(4))) != sig(t, dict(q_weight=torch.ones(4).half()))
+    assert sig(t, dict(q_weight=torch.ones(4))) != sig(t, dict(q_weight=torch.ones(8)[::2]))
+
+
+def test_every_launch_setting_counts():
+    from kernels import triton_kernel
+    names = ("_BLOCK_OVERRIDE", "_INDEX32", "_EARLY_MAX_REGS", "_PDL", "_BUDGET_WARPS_PER_SM")
+    base = triton_kernel.launch_settings()
+    for name, other in zip(names, ((4, 2, 4), not triton_kernel._INDEX32, 48, True, 8)):
+        old = getattr(triton_kernel, name)
+        setattr(triton_kernel, name, other)
+        try:
+            assert triton_kernel.launch_settings() != base, name
+        finally:
+            setattr(triton_kernel, name, old)
+
+
+def test_first_call_takes_the_remembered_path(monkeypatch):
+    """So every entry-point test with a cache on a Triton device covers that path."""
+    seen = []
+    real = api._KnownCall.__call__
+    monkeypatch.setattr(api._KnownCall, "__call__",
+                        lambda self, *a: seen.append(1) or real(self, *a))
+    split_norm_rope_cache(**_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    assert seen == [1]
+
+
+def test_a_cpu_known_call_follows_triton_interpret(monkeypatch):
+    """On the CPU the op runs the Triton kernel only under TRITON_INTERPRET=1: once unset, a
+    remembered CPU call must run the reference, as a new call would."""
+    from .kernel_check import record_launches
+    seen = record_launches(monkeypatch, lambda c, pdl, regs: 1)
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    split_norm_rope_cache(**kw)
+    split_norm_rope_cache(**kw)
+    assert seen == [1, 1]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    kc, vc = kw["key_cache"].clone(), kw["value_cache"].clone()
+    want = api.run(api.prepare(**dict(kw, key_cache=kc, value_cache=vc)))  # the reference
+    got = split_norm_rope_cache(**kw)
+    assert seen == [1, 1], "a remembered CPU call launched Triton without TRITON_INTERPRET"
+    assert torch.equal(got.q, want.q)
+    assert torch.equal(kw["key_cache"], kc)
 
 
 def _rerun_validated(kw):
@@ -155,7 +218,7 @@ def _rerun_validated(kw):
 
 
 @pytest.mark.parametrize("form,over", [
-    ("vllm", dict(is_neox=False)), ("vllm", dict(eps=1e-5)), ("vllm", dict(eps=-0.0)),
+    ("vllm", dict(is_neox=False)), ("vllm", dict(eps=1e-5)),
     ("vllm", dict(weight_offset=1.0)), ("vllm", dict(rotary_dim=32)),
     ("vllm", dict(slot_mode="index")), ("vllm", dict(return_q=False, return_k=True)),
     ("vllm", dict(apply_norm=False)), ("fp8", dict(gate="blocked")),
