@@ -131,12 +131,11 @@ class _KnownCall:
     views that ``prepare`` makes and refills the kept launch's tensors, which it does not
     hold (a kept launch must not keep caches alive)."""
 
-    __slots__ = ("bound", "plan", "rotary_dim", "settings", "on_cpu")
+    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu")
 
     def __init__(self, call: OpCall) -> None:
-        from .triton_kernel import BoundLaunch, launch_settings  # triton is imported lazily
+        from .triton_kernel import BoundLaunch  # triton is imported lazily
 
-        self.settings = launch_settings()  # what the launch below was built under
         self.on_cpu = call.head[0].device.type == "cpu"  # Triton only while TRITON_INTERPRET=1
         self.bound = BoundLaunch(*call.head, *call.cache, *call.flags, share_empty=True)
         self.plan = self.bound.plan(*call.head[:3])  # the signature fixes T and the strides
@@ -172,7 +171,6 @@ def forget_calls() -> None:
     _KNOWN.clear()
 
 
-_SETTINGS = None  # triton_kernel.launch_settings, once triton is imported
 _CPU = torch.device("cpu")
 
 
@@ -214,7 +212,7 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
         except Exception:  # unhashable, no strides...: validation below names the argument
             key = known = None
         # the tile, offset and register settings are module globals that benchmarks change
-        if known is not None and known.settings == _SETTINGS() and \
+        if known is not None and not known.bound.stale() and \
                 not (known.on_cpu and not _use_triton(_CPU)):
             _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
             _KNOWN[key] = known    # another thread evicted it meanwhile)
@@ -228,11 +226,7 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
 
 
 def _remember(key: tuple, call: OpCall) -> _KnownCall:
-    global _SETTINGS
     known = _KnownCall(call)
-    if _SETTINGS is None:
-        from .triton_kernel import launch_settings
-        _SETTINGS = launch_settings
     _KNOWN.pop(key, None)
     if len(_KNOWN) >= _KNOWN_MAX:
         del _KNOWN[next(iter(_KNOWN))]

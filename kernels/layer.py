@@ -42,10 +42,6 @@ class FusedQKVLayer:
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
         self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
-        # triton_kernel.launch_settings and its value when the launch was bound: benchmarks
-        # change the tile, offset and register settings between calls
-        self._settings_of = None
-        self._settings: Optional[tuple] = None
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         sig = self._sig
@@ -57,7 +53,7 @@ class FusedQKVLayer:
             if positions.shape[0] == t and slot_mapping.shape[0] >= t and \
                     (t < 2 or positions.stride(0) == 1 and slot_mapping.stride(0) == 1) and \
                     self._geometry() == self._geom and not _tracing() and \
-                    (self._bound is None or self._settings == self._settings_of()):
+                    (self._bound is None or not self._bound.stale()):
                 return self._launch(qkv, positions, slot_mapping, t)
         call = prepare(qkv, positions=positions, slot_mapping=slot_mapping, **self._kw)
         out = run(call)
@@ -68,13 +64,10 @@ class FusedQKVLayer:
             self._bound = None
             self._plans = {}
             if call.cache is not None and _use_triton(qkv.device):
-                # triton is imported lazily
-                from .triton_kernel import BoundLaunch, launch_settings
+                from .triton_kernel import BoundLaunch  # triton is imported lazily
 
                 self._bound = BoundLaunch(*call.head, *call.cache, *call.flags,
                                           share_empty=True)
-                self._settings_of = launch_settings
-                self._settings = launch_settings()
             self._sig = (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1), positions.dtype,
                          positions.device, slot_mapping.dtype, slot_mapping.device)
             self._geom = self._geometry()

@@ -752,6 +752,7 @@ class BoundLaunch:
         self._slots += ((17, 2),) if not self.has_pos else ()
         self._slots += ((25, 2),) if not has_cache else ()
         self.interp = q_src.is_cpu
+        self.settings = launch_settings()  # what this launch and its plans are built under
         self.pdl = _PDL and _pdl_ok(self.dev)
         # warps that run at once under the register budget (0: no budget on this device)
         self.budget_warps = _BUDGET_WARPS_PER_SM * _sm_count(self.dev) \
@@ -760,6 +761,11 @@ class BoundLaunch:
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
         self.out_row = max(hq, hkv) * d  # elements a token of the widest output
+
+    def stale(self) -> bool:
+        """Whether the module settings changed since this launch was built (benchmarks change
+        them between calls with the same arguments): its keeper must build a new one."""
+        return self.settings != launch_settings()
 
     def unbind(self) -> "BoundLaunch":
         """Drop the fixed tensors (every call then passes them as ``fixed``), so that a kept

@@ -47,7 +47,7 @@ def test_layer_equals_entry_point_over_steps(device, monkeypatch):
             bound = layer._bound
             assert bound is not None, "the Triton path should bind the launch"
             spy = lambda *a, **k: bound_calls.append(1) or bound(*a, **k)  # noqa: E731
-            spy.plan = bound.plan
+            spy.plan, spy.stale = bound.plan, bound.stale
             layer._bound = spy
         assert kw["key_cache"]._version > version, "autograd must see the cache written"
         want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **ref_kw)
