@@ -40,6 +40,26 @@ class _NoLaunch:
         pass
 
 
+def _stub_launcher():
+    """The real CachedLauncher over a stand-in compiled kernel whose low-level launch does
+    nothing: its key, its memo and its checks run as on the GPU, minus Triton's C launcher."""
+    from triton.runtime.jit import JITFunction
+
+    from kernels import fast_launch
+
+    class Compiled:
+        function, packed_metadata = 0, ()
+
+        def run(self, *a):
+            pass
+
+    jf = JITFunction(triton_kernel.fused_qkv_kernel.fn)
+    compiled = Compiled()
+    jf.run = lambda *a, grid, warmup, **kw: compiled
+    fast_launch._device_and_stream = lambda: (lambda: 0, lambda dev: 0)
+    return fast_launch.CachedLauncher(jf)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--int64", action="store_true", help="int64 offsets (no int32 check)")
@@ -62,6 +82,15 @@ def main() -> None:
           f"{'int64' if a.int64 else 'int32 where they fit'} offsets, torch {torch.__version__}")
     for name, fn in rows:
         print(f"{name:32} {per_call_us(fn, 5000, cuda=False):7.1f} us")
+    # the same with CachedLauncher's Python in (its key or its memo), the C launch stubbed
+    stub = _stub_launcher()
+    triton_kernel._cached_launcher = lambda: stub
+    api.forget_calls()
+    layer = FusedQKVLayer(**{k: v for k, v in inp.items() if k not in step})
+    for name, fn in [("entry point + launcher", lambda: kernels.split_norm_rope_cache(**inp)),
+                     ("FusedQKVLayer + launcher", lambda: layer(**step))]:
+        print(f"{name:32} {per_call_us(fn, 5000, cuda=False):7.1f} us")
+    print(f"# launcher hits {stub.hits}, misses {stub.misses}")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

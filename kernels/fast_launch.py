@@ -97,7 +97,11 @@ class CachedLauncher:
     ``jit_fn[grid](*args, **constexprs, num_warps=num_warps[, launch_pdl=True][,
     maxnreg=maxnreg])`` does.
     ``args``: the runtime (non-constexpr) arguments in kernel order; ``constexprs``: a tuple
-    in kernel order (fast) or a dict by name; ``grid``: a tuple of 1 to 3 ints.  Counters
+    in kernel order (fast) or a dict by name; ``grid``: a tuple of 1 to 3 ints.  ``memo``: a
+    list the caller keeps for launches that repeat every argument but the tensors' data
+    (same dtypes and devices, same non-tensor values, constexprs and options): the first
+    launch fills it, and the later ones skip the key (~70 arguments) and read only the
+    tensors' pointers (see ``_relaunch``).  Counters
     ``hits`` / ``misses`` say which path ran; ``why_slow`` says why the fast path is off for
     good ("" when it is on).
 
@@ -135,7 +139,14 @@ class CachedLauncher:
 
     def __call__(self, grid: Sequence[int], args: Sequence[Any],
                  constexprs: Union[tuple, Mapping[str, Any]], num_warps: int,
-                 launch_pdl: bool = False, maxnreg: Optional[int] = None) -> None:
+                 launch_pdl: bool = False, maxnreg: Optional[int] = None,
+                 memo: Optional[list] = None) -> None:
+        if memo:  # a repeat of the launch that filled it: only the tensors are new
+            relaunch = self._relaunch(memo[0], grid, args)
+            if relaunch is not None:
+                self.hits += 1
+                relaunch()
+                return
         if self.why_slow or self.fn.pre_run_hooks:
             self._normal(grid, args, constexprs, num_warps, launch_pdl, maxnreg)
             return
@@ -143,19 +154,21 @@ class CachedLauncher:
             if any(self._hooks(_knobs)):  # a profiler is listening: it needs launch_metadata
                 raise LookupError
             consts = constexprs if type(constexprs) is tuple else self._ordered(constexprs)
-            dev = self._device()
+            dev, options = self._device(), self._options(_knobs)
             key, vals = self._spec(*args, *consts)
-            run, function, packed = self._cache[dev, self._options(_knobs), num_warps,
-                                                launch_pdl, maxnreg, key]
+            entry = self._cache[dev, options, num_warps, launch_pdl, maxnreg, key]
             ug = self.fn.used_global_vals
             if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
                 raise LookupError  # a global changed: Triton raises, so let it
             n = len(grid)  # a callable grid raises here
             gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
         except Exception:  # first call, new key, hooks, an argument we do not cover
-            self._miss(grid, args, constexprs, num_warps, launch_pdl, maxnreg)
+            self._miss(grid, args, constexprs, num_warps, launch_pdl, maxnreg, memo)
             return
         self.hits += 1
+        if memo is not None and not memo:
+            self._fill(memo, dev, options, entry, args, vals)
+        run, function, packed = entry
         # launch_metadata and both hooks None: what the launcher does with idle hooks anyway
         run(gx, gy, gz, self._stream(dev), function, packed, None, None, None, *vals)
 
@@ -179,7 +192,9 @@ class CachedLauncher:
         return self.fn[grid](*args, **dict(zip(self._cnames, consts)), **opts)
 
     def _miss(self, grid, args, constexprs, num_warps: int, launch_pdl: bool = False,
-              maxnreg: Optional[int] = None) -> None:
+              maxnreg: Optional[int] = None, memo: Optional[list] = None) -> None:
+        """Launch through the normal path and keep the launcher under the key (and in
+        ``memo`` when it is an empty list)."""
         kernel = self._normal(grid, args, constexprs, num_warps, launch_pdl,
                               maxnreg)  # errors propagate
         try:
@@ -200,14 +215,87 @@ class CachedLauncher:
                 self._device, self._stream = _device_and_stream()
             if layout != self._layout:  # e.g. a tensor where an int was: never cache that
                 return
-            key, _ = self._spec(*args, *consts)
-            key = (self._device(), self._options(_knobs), num_warps, launch_pdl, maxnreg, key)
-            self._cache[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            key, vals = self._spec(*args, *consts)
+            dev, options = self._device(), self._options(_knobs)
+            entry = (kernel.run, kernel.function, kernel.packed_metadata)
+            self._cache[dev, options, num_warps, launch_pdl, maxnreg, key] = entry
+            if memo is not None and not memo:
+                self._fill(memo, dev, options, entry, args, vals)
         except Exception:
             pass  # the kernel ran; this key just stays on the normal path
 
+    def _fill(self, memo: list, dev, options, entry, args, vals) -> None:
+        try:
+            memo.append(_Memo(self, dev, options, entry, _make_fill(self._is_const, args,
+                                                                    vals)))
+        except Exception:
+            pass  # an argument kind the memo does not cover: the key path every call
+
+    def _relaunch(self, m: "_Memo", grid, args) -> Optional[Callable[[], None]]:
+        """The launch of ``args`` through memo ``m`` (None: take the other paths).  It checks
+        what may change under a caller that keeps its arguments' types: hooks, the device,
+        the compile-option knobs, the kernel's globals, and the alignment of each pointer
+        that was a multiple of 16 (Triton compiled for that)."""
+        try:
+            if m.owner is not self or self.fn.pre_run_hooks or any(self._hooks(_knobs)) or \
+                    self._device() != m.dev or self._options(_knobs) != m.options:
+                return None
+            ug = self.fn.used_global_vals
+            if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
+                return None
+            vals = m.fill(*args)
+            if vals is None:
+                return None
+            n = len(grid)
+            gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+            run, function, packed = m.entry
+            stream = self._stream(m.dev)
+        except Exception:  # an argument of another kind than the memo's: the other paths
+            return None
+        return lambda: run(gx, gy, gz, stream, function, packed, None, None, None, *vals)
+
 
 _MISSING = object()
+
+
+class _Memo:
+    """One kept launch of a ``CachedLauncher``, for a caller whose later calls repeat every
+    argument but the tensors, which keep their dtype and device (``BoundLaunch`` with a kept
+    plan): the launcher entry and ``fill`` (see ``_make_fill``).  Holds no tensor."""
+
+    __slots__ = ("owner", "dev", "options", "entry", "fill")
+
+    def __init__(self, owner, dev, options, entry, fill) -> None:
+        self.owner, self.dev, self.options, self.entry, self.fill = \
+            owner, dev, options, entry, fill
+
+
+def _make_fill(is_const: list, args: Sequence[Any], vals: tuple) -> Callable:
+    """Generated ``fill(*args)``: ``vals`` (the launcher's arguments of the call that filled
+    the memo: kernel order, constexprs included, pointers as ints) with each tensor's pointer
+    read anew; None when a pointer that was a multiple of 16 no longer is (the kernel was
+    compiled for that).  A tensor that was also an earlier argument (the packed qkv three
+    times, the table standing in for absent pointers) is read once while it still is."""
+    pos = [k for k, c in enumerate(is_const) if not c]  # runtime arg i sits at vals[pos[i]]
+    if len(pos) != len(args) or len(is_const) != len(vals):
+        raise ValueError("arguments and kernel parameters differ")
+    body, aligned, first = [], [], {}
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        j = first.setdefault(id(a), i)
+        body.append(f"    p{i} = a{i}.data_ptr()" if j == i else
+                    f"    p{i} = p{j} if a{i} is a{j} else a{i}.data_ptr()")
+        body.append(f"    v[{pos[i]}] = p{i}")
+        if vals[pos[i]] % 16 == 0:
+            aligned.append(f"p{i}")
+    check = f"    if ({' | '.join(aligned)}) & 15:\n        return None\n" if aligned else ""
+    src = (f"def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n"
+           "    v = list(_vals)\n" + "".join(line + "\n" for line in body) + check +
+           "    return v\n")
+    ns: dict = {"_vals": tuple(vals)}
+    exec(src, ns)
+    return ns["fill"]
 
 
 def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], int]]:

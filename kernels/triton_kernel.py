@@ -803,8 +803,9 @@ class BoundLaunch:
 
     def plan(self, q_src, k_src, v_src) -> tuple:
         """What a launch over these sources needs besides their data: (grid, constexprs,
-        num_warps, register budget or None); ``()`` when there is nothing to launch.  It
-        depends on the sources' token count, shapes and strides only."""
+        num_warps, register budget or None, the launcher's memo); ``()`` when there is nothing
+        to launch.  It depends on the sources' token count, shapes and strides only, so a
+        caller that keeps it for those passes it back with later steps' tensors."""
         t = q_src.shape[0]
         tiles = tile_plan(t, *self.shape) if t else None
         if tiles is None:
@@ -823,7 +824,7 @@ class BoundLaunch:
         regs = None
         if tiles.constexprs["EARLY"] and grid[0] * tiles.num_warps <= self.budget_warps:
             regs = _EARLY_MAX_REGS
-        return grid, consts, tiles.num_warps, regs
+        return grid, consts, tiles.num_warps, regs, []
 
     def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, fixed=None,
                  plan=None, poison=None):
@@ -832,11 +833,14 @@ class BoundLaunch:
         was ``unbind``-ed (None where the bound call had None).  ``plan``: ``self.plan`` of
         sources with this step's shapes and strides (worked out here when None)."""
         outs = self._alloc(q_src.shape[0], poison)
+        memo = None
         if plan is None:
             plan = self.plan(q_src, k_src, v_src)
+        elif plan:  # a kept plan: every argument but the tensors repeats (see plan())
+            memo = plan[4]
         if not plan:
             return tuple(outs)
-        grid, consts, num_warps, regs = plan
+        grid, consts, num_warps, regs = plan[:4]
         a = self.args.copy()
         if fixed is not None:
             if self._fp8_view is not None:  # uint8 caches holding fp8 bytes
@@ -853,7 +857,7 @@ class BoundLaunch:
             a[25] = slot_mapping
         a[36] = q_src.shape[0]
         if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-            _cached_launcher()(grid, a, consts, num_warps, self.pdl, regs)
+            _cached_launcher()(grid, a, consts, num_warps, self.pdl, regs, memo)
         else:
             fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)), num_warps=num_warps,
                                    **({"launch_pdl": True} if self.pdl else {}),

@@ -68,10 +68,10 @@ def record_launches(monkeypatch, pick) -> list:
     def spy():
         launcher = real()
 
-        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
+        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None, memo=None):
             seen.append(pick(dict(zip(triton_kernel._CONST_NAMES, consts)), launch_pdl,
                              maxnreg))
-            return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg)
+            return launcher(grid, args, consts, num_warps, launch_pdl, maxnreg, memo)
         return call
 
     monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)

@@ -263,3 +263,90 @@ def test_probe_refuses_an_unknown_launch_call():
     assert "launches differently" in fast_launch._probe_run(changed)[2]
     extra = src.replace('kwargs["debug"]', 'x = knobs.runtime.new_thing\n        kwargs["debug"]')
     assert "knobs we do not handle" in fast_launch._probe_run(extra)[2]
+
+
+# ---- the memo: a kept launch whose later calls only bring new tensors -----------------------
+
+def test_memo_relaunches_with_new_pointers_only(stub):
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x, y = torch.zeros(32), torch.zeros(32)
+    memo = []
+    launch((2,), (x, 48, 0.5), (True, 8), 4, memo=memo)  # first call: normal path, fills it
+    assert len(normal) == 1 and len(memo) == 1 and compiled.launches == []
+    z = torch.zeros(64)
+    launch((2,), (z, 48, 0.5), (True, 8), 4, memo=memo)
+    assert compiled.launches == [(2, 1, 1, 77, 1234, (4, 1, 0), None, None, None,
+                                  z.data_ptr(), 48, 0.5, True, 8)]
+    assert (launch.hits, launch.misses) == (1, 1)
+    # a memo filled on a key hit works alike
+    memo2 = []
+    launch((3,), (y, 48, 0.5), (True, 8), 4, memo=memo2)
+    launch((3,), (x, 48, 0.5), (True, 8), 4, memo=memo2)
+    assert len(memo2) == 1 and (launch.hits, launch.misses) == (3, 1)
+    assert compiled.launches[-1][9] == x.data_ptr()
+
+
+def test_memo_gives_way_when_alignment_hooks_device_or_owner_change(stub, monkeypatch):
+    from triton import knobs
+
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x = torch.zeros(32)
+    memo = []
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    # a pointer no longer 16-byte aligned: Triton's other specialisation (a new key)
+    launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)
+    assert len(normal) == 2 and compiled.launches == []
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(normal) == 3 and compiled.launches == []
+    other = CachedLauncher(jf)  # another launcher (the kernel was swapped): not its memo
+    other._device, other._stream = launch._device, launch._stream
+    other((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    assert other.hits == 0 and len(normal) == 4
+    launch._device = lambda: 1  # another current device: its own kernel load
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    assert len(normal) == 5 and compiled.launches == []
+    launch((1,), (x, 48, 2), (True, 8), 4, memo=[])  # an int where a float was: not cached
+    launch((1,), (x, 48, 2), (True, 8), 4, memo=[])
+    assert len(normal) == 7 and compiled.launches == []
+
+
+def test_memo_of_an_unaligned_pointer_takes_any(stub):
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x = torch.zeros(32)
+    memo = []
+    launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)  # compiled without alignment
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    launch((1,), (x[3:], 48, 0.5), (True, 8), 4, memo=memo)
+    assert len(normal) == 1 and [a[9] for a in compiled.launches] == [
+        x.data_ptr(), x[3:].data_ptr()]
+
+
+def _stub_kernel3(a, b, c, n, C0: tl.constexpr):
+    pass
+
+
+def test_memo_reads_each_tensor_even_where_one_was_passed_twice(monkeypatch):
+    jf = JITFunction(_stub_kernel3)
+    compiled = _FakeCompiled()
+    jf.run = lambda *args, grid, warmup, **kw: compiled
+    monkeypatch.setattr(fast_launch, "_device_and_stream", lambda: (lambda: 0, lambda dev: 77))
+    launch = CachedLauncher(jf)
+    x, y, z = torch.zeros(32), torch.zeros(32), torch.zeros(32)
+    memo = []
+    launch((1,), (x, x, y, 16), (4,), 2, memo=memo)  # a and b: one tensor, as the packed qkv
+    launch((1,), (y, z, z, 16), (4,), 2, memo=memo)
+    launch((1,), (z, z, x, 16), (4,), 2, memo=memo)
+    assert [a[9:13] for a in compiled.launches] == [
+        (y.data_ptr(), z.data_ptr(), z.data_ptr(), 16), (z.data_ptr(), z.data_ptr(),
+                                                         x.data_ptr(), 16)]
+    assert launch.hits == 2
+    with pytest.raises(AttributeError):  # what a fill does with a non-tensor: the key path
+        memo[0].fill(x, 3, y, 16)

@@ -572,7 +572,7 @@ def test_register_budget_only_for_early_loads_in_one_wave(monkeypatch):
     seen = []
 
     def spy():
-        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
+        def call(grid, args, consts, num_warps, launch_pdl=False, maxnreg=None, memo=None):
             seen.append((grid[0], maxnreg))
         return call
 

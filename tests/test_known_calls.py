@@ -90,7 +90,15 @@ def test_a_known_call_writes_through_its_own_tensors(device, form, monkeypatch):
     real = api.prepare
     monkeypatch.setattr(api, "prepare", lambda *a, **k: validated.append(1) or real(*a, **k))
     versions = kw["key_cache"]._version, kw["value_cache"]._version
+    if device == "cuda":  # the launch of a kept plan repeats through the launcher's memo
+        from kernels import triton_kernel
+        launcher = triton_kernel._cached_launcher()
+        hits, misses = launcher.hits, launcher.misses
     check_run(full, lambda: split_norm_rope_cache(**kw))
+    if device == "cuda":
+        (known,) = api._KNOWN.values()
+        assert len(known.plan[4]) == 1, "the first call should have filled the memo"
+        assert (launcher.hits, launcher.misses) == (hits + 1, misses)
     assert validated == [], "a call with a validated signature was validated again"
     assert kw["key_cache"]._version > versions[0] and kw["value_cache"]._version > versions[1], \
         "autograd must see both caches written"
@@ -258,6 +266,36 @@ def test_known_calls_follow_the_launch_settings(monkeypatch):
     split_norm_rope_cache(**kw, **step)
     layer(*step.values())
     assert seen[4:] == [(4, True)] * 2, seen
+
+
+def test_kept_plans_hand_the_launcher_one_memo_each(monkeypatch):
+    """A remembered call and FusedQKVLayer pass the launcher the memo of their kept plan,
+    the same list at every call of that plan, so that on the GPU a repeat reads only the
+    tensors' pointers; the validated path, whose plan is new every call, passes none."""
+    from kernels import FusedQKVLayer, triton_kernel
+    memos = []
+
+    def spy():
+        return lambda grid, args, consts, warps, pdl=False, regs=None, memo=None: \
+            memos.append(memo)
+    monkeypatch.setattr(triton_kernel, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_kernel, "_cached_launcher", spy)
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    step = {n: kw.pop(n) for n in ("qkv", "positions", "slot_mapping")}
+    split_norm_rope_cache(**kw, **step)
+    split_norm_rope_cache(**kw, **step)
+    assert memos[0] == [] and memos[1] is memos[0]
+    api.run(api.prepare(**kw, **step))
+    assert memos[2] is None
+    layer = FusedQKVLayer(**kw)
+    qkv, pos, slots = step.values()
+    for _ in range(3):
+        layer(qkv, pos, slots)
+    assert memos[3] is None and memos[4] == [] and memos[5] is memos[4]
+    assert memos[4] is not memos[0]
+    layer(qkv[:2], pos[:2], slots)  # another T: another plan
+    layer(qkv[:2], pos[:2], slots)
+    assert memos[6] == [] and memos[7] is memos[6] and memos[6] is not memos[4]
 
 
 def test_tracing_never_takes_a_known_call():
