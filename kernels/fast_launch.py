@@ -102,8 +102,8 @@ class CachedLauncher:
     (same dtypes and devices, same non-tensor values, constexprs and options): the first
     launch fills it, and the later ones skip the key (~70 arguments) and read only the
     tensors' pointers (see ``_relaunch``).  Counters
-    ``hits`` / ``misses`` say which path ran; ``why_slow`` says why the fast path is off for
-    good ("" when it is on).
+    ``hits`` / ``misses`` say which path ran (``memo_hits``: the hits through a memo);
+    ``why_slow`` says why the fast path is off for good ("" when it is on).
 
     The cache key covers, per tensor: dtype, address mod 16, CUDA or not; per int: ``== 1``,
     value mod 16, int32 / int64 / uint64 range; every scalar's type; each constexpr's value and
@@ -128,7 +128,7 @@ class CachedLauncher:
         self._layout: Optional[tuple] = None  # runtime-argument kinds `_spec` was built for
         self._spec: Optional[Callable] = None
         self._device = self._stream = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.memo_hits = 0
         self.why_slow = ""
         if _JITFunction is None or not isinstance(jit_fn, _JITFunction):
             self.why_slow = "not a JITFunction (Triton interpreter, autotuner, heuristics)"
@@ -141,10 +141,13 @@ class CachedLauncher:
                  constexprs: Union[tuple, Mapping[str, Any]], num_warps: int,
                  launch_pdl: bool = False, maxnreg: Optional[int] = None,
                  memo: Optional[list] = None) -> None:
+        if memo and memo[0].owner is not self:  # filled by a launcher since replaced
+            memo.clear()  # (the kernel was swapped and back): this one refills it
         if memo:  # a repeat of the launch that filled it: only the tensors are new
             relaunch = self._relaunch(memo[0], grid, args)
             if relaunch is not None:
                 self.hits += 1
+                self.memo_hits += 1
                 relaunch()
                 return
         if self.why_slow or self.fn.pre_run_hooks:
@@ -237,8 +240,7 @@ class CachedLauncher:
         the compile-option knobs, the kernel's globals, and the alignment of each pointer
         that was a multiple of 16 (Triton compiled for that)."""
         try:
-            if m.owner is not self or self.fn.pre_run_hooks or any(self._hooks(_knobs)) or \
-                    self._device() != m.dev or self._options(_knobs) != m.options:
+            if self.fn.pre_run_hooks or any(self._hooks(_knobs)) or self._device() != m.dev or self._options(_knobs) != m.options:
                 return None
             ug = self.fn.used_global_vals
             if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):

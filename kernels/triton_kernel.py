@@ -596,6 +596,9 @@ _EARLY_MAX_REGS: Optional[int] = 64
 _BUDGET_WARPS_PER_SM = 40
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
+# False: kept plans launch through the launcher's key every call, not its memo (A/B timing in
+# benchmarks/profile_launch.py)
+_LAUNCH_MEMO = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -836,7 +839,7 @@ class BoundLaunch:
         memo = None
         if plan is None:
             plan = self.plan(q_src, k_src, v_src)
-        elif plan:  # a kept plan: every argument but the tensors repeats (see plan())
+        elif plan and _LAUNCH_MEMO:  # a kept plan: all but the tensors repeat (see plan())
             memo = plan[4]
         if not plan:
             return tuple(outs)

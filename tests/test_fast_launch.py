@@ -278,7 +278,7 @@ def test_memo_relaunches_with_new_pointers_only(stub):
     launch((2,), (z, 48, 0.5), (True, 8), 4, memo=memo)
     assert compiled.launches == [(2, 1, 1, 77, 1234, (4, 1, 0), None, None, None,
                                   z.data_ptr(), 48, 0.5, True, 8)]
-    assert (launch.hits, launch.misses) == (1, 1)
+    assert (launch.hits, launch.memo_hits, launch.misses) == (1, 1, 1)
     # a memo filled on a key hit works alike
     memo2 = []
     launch((3,), (y, 48, 0.5), (True, 8), 4, memo=memo2)
@@ -305,16 +305,28 @@ def test_memo_gives_way_when_alignment_hooks_device_or_owner_change(stub, monkey
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert len(normal) == 3 and compiled.launches == []
-    other = CachedLauncher(jf)  # another launcher (the kernel was swapped): not its memo
-    other._device, other._stream = launch._device, launch._stream
-    other((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
-    assert other.hits == 0 and len(normal) == 4
     launch._device = lambda: 1  # another current device: its own kernel load
     launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
-    assert len(normal) == 5 and compiled.launches == []
+    assert len(normal) == 4 and compiled.launches == []
     launch((1,), (x, 48, 2), (True, 8), 4, memo=[])  # an int where a float was: not cached
     launch((1,), (x, 48, 2), (True, 8), 4, memo=[])
-    assert len(normal) == 7 and compiled.launches == []
+    assert len(normal) == 6 and compiled.launches == []
+
+
+def test_a_memo_of_a_replaced_launcher_is_refilled(stub):
+    """The kernel swapped out and back (profile_launch.py, tests) gives a new launcher: it
+    must not launch through the old one's memo, nor leave it stale for good."""
+    jf, compiled, normal = stub
+    old, new = CachedLauncher(jf), CachedLauncher(jf)
+    x = torch.zeros(32)
+    memo = []
+    old((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    first = memo[0]
+    new((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)  # its own first launch: refills it
+    assert new.misses == 1 and len(memo) == 1 and memo[0] is not first
+    new((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    assert (new.hits, new.memo_hits) == (1, 1) and memo[0].owner is new
+    assert len(compiled.launches) == 1
 
 
 def test_memo_of_an_unaligned_pointer_takes_any(stub):

@@ -93,12 +93,12 @@ def test_a_known_call_writes_through_its_own_tensors(device, form, monkeypatch):
     if device == "cuda":  # the launch of a kept plan repeats through the launcher's memo
         from kernels import triton_kernel
         launcher = triton_kernel._cached_launcher()
-        hits, misses = launcher.hits, launcher.misses
+        counts = launcher.memo_hits, launcher.misses
     check_run(full, lambda: split_norm_rope_cache(**kw))
     if device == "cuda":
         (known,) = api._KNOWN.values()
         assert len(known.plan[4]) == 1, "the first call should have filled the memo"
-        assert (launcher.hits, launcher.misses) == (hits + 1, misses)
+        assert (launcher.memo_hits, launcher.misses) == (counts[0] + 1, counts[1])
     assert validated == [], "a call with a validated signature was validated again"
     assert kw["key_cache"]._version > versions[0] and kw["value_cache"]._version > versions[1], \
         "autograd must see both caches written"
