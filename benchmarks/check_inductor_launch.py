@@ -87,9 +87,9 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     # the same where the large-T tile keeps one token (D = 256, 8 KV heads: 2048 elements a
     # row of head tiles): the switch only turns early loads off
     "d256_kv8_dyn_switch": (dict(d=256, hq=8, hkv=8), True),
-    # 64 heads a token (GLM-4.5-like): the switch comes at T = 256 (checked in the plan and
-    # the grid; the form itself runs the small-T branch)
-    "many_heads_dyn": (dict(hq=48, hkv=8), True),
+    # 64 heads a token at D = 128 (GLM-4.5-like): the switch comes at T = 128 (checked in the
+    # plan and the grid; the form itself runs the small-T branch)
+    "many_heads_dyn": (dict(hq=48, hkv=8, d=128), True),
     # FusionOptions(dynamic_tiles="prefill") on a dynamic T with a 192-wide tail: the T=1024
     # tiles (one token of four heads, the whole-row tail), not the decode ones (FORM_CHECKS)
     "gated_dyn_prefill": (dict(split="gated_interleaved", rotary=0.25, d=256, hq=4, hkv=1,
@@ -105,7 +105,7 @@ FORM_CHECKS = {"gated_dyn_prefill": "tile=BLOCK_T=1,BLOCK_H=4,PAIRS=0,EARLY=0,RO
                "view_dyn_switch_wide": "from T>=4: BLOCK_T=8,EARLY=0,IDX64=0 below T=10 else "
                                        "BLOCK_T=1,IDX64=1 mutates",
                "d256_kv8_dyn_switch": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=4: BLOCK_T=1,EARLY=0",
-               "many_heads_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=256: BLOCK_T=2,EARLY=0"}
+               "many_heads_dyn": "EARLY=1,ROW_TAIL=0,IDX64=0 from T>=128: BLOCK_T=2,EARLY=0"}
 # inductor_launch.SWITCH_T for the form
 SWITCH_OVERRIDE = {"view_dyn_switch": 4, "view_dyn_switch_int64": 4, "view_dyn_switch_wide": 4,
                    "d256_kv8_dyn_switch": 4}
@@ -118,7 +118,7 @@ CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)",
                # both steps: at the switch and at the int32 bound (T + 10 = 2 (s + 5))
                "view_dyn_switch_wide": r"(?s)(?=.*\(2\*s\d+\) // \(2 \+ s\d+\))"
                                        r".*\(2\*s\d+\) // \(5 \+ s\d+\)",
-               "many_heads_dyn": r"\(2\*s\d+\) // \(128 \+ s\d+\)"}
+               "many_heads_dyn": r"\(2\*s\d+\) // \(64 \+ s\d+\)"}
 RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,

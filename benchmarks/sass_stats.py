@@ -44,7 +44,8 @@ def capture(name: str, t: int, gate: bool):
     class Recorder:
         fn = triton_kernel.fused_qkv_kernel
 
-        def __call__(self, grid, args, consts, num_warps, launch_pdl=False, maxnreg=None):
+        def __call__(self, grid, args, consts, num_warps, launch_pdl=False, maxnreg=None,
+                     memo=None):
             seen.append((grid, list(args), consts, num_warps))
 
     triton_kernel._launcher = Recorder()

@@ -447,8 +447,8 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-# the only token counts at which the tile choice changes
-_T_SMALL, _T_MID, _T_LARGE = 32, 256, 1024
+# the only token counts at which the tile choice changes (_T_MANY: for many heads a token)
+_T_SMALL, _T_MANY, _T_MID, _T_LARGE = 32, 64, 256, 1024
 
 
 def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads: int,
@@ -457,7 +457,8 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
 
     BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
     K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
-    chain).  Large T (and mid T at D=256 or with many heads a token, see ``large_tiles_from``):
+    chain).  Large T (and mid T at D=256 or with many heads a token, see ``large_tiles_from``;
+    below T=256 these keep the early loads):
     tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
     T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
     (ROW_TAIL): from T=1024 one token of up to 1024 elements a program on one warp, as many
@@ -480,15 +481,18 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
 
 
 def large_tiles_from(head_dim: int, num_q_heads: int, num_kv_heads: int) -> int:
-    """The T from which ``_pick_blocks`` gives the large-T tiles (without ROW_TAIL): T=256 at
-    D=256 or with many heads a token, else T=1024.  GLM-4.5 (112 heads a token) on an H200
-    (``results/h200-2026-11-30-tune-mid-glm.txt``): 2 tokens of 8 heads on 4 warps took 4.13 /
-    6.50 / 10.38 us at T = 256 / 512 / 768, against 4.27 / 6.87 / 10.81 for the 2 tokens of 4
-    heads on one warp chosen before, and 1 token of 8 heads (the small-T tile) lost by 20% at
-    T=256 (5.25 against 4.55 us, an older kernel)."""
-    if _pow2(head_dim) > 128 or many_heads(num_q_heads, num_kv_heads):
-        return _T_MID
-    return _T_LARGE
+    """The T from which ``_pick_blocks`` gives the large-T tiles (without ROW_TAIL): T=64 with
+    many heads a token at D=128, T=256 with many heads at other D or at D=256, else T=1024.  GLM-4.5 (112 heads a token) on an H200:
+    2 tokens of 8 heads on 4 warps took 4.13 / 6.50 / 10.38 us at T = 256 / 512 / 768, against
+    4.27 / 6.87 / 10.81 for 2 tokens of 4 heads on one warp, and 1 token of 8 heads (the
+    small-T tile) lost by 20% at T=256 (``results/h200-2026-11-30-tune-mid-glm.txt``).  With
+    the early loads (below T=256) the 2-token tile also wins from T=64: 2.11-2.18 / 2.42-2.50 /
+    2.68-2.77 / 3.48-3.51 us at T = 64 / 96 / 128 / 192 against 2.14-2.21 / 2.64-2.70 /
+    3.00-3.07 / 3.96-4.03 for the small-T tile, and ties it at T = 32 (1.75-1.80 against
+    1.79-1.87; ``results/h200-2026-12-01-s13-tune-glm-mid.txt``)."""
+    if not many_heads(num_q_heads, num_kv_heads):
+        return _T_MID if _pow2(head_dim) > 128 else _T_LARGE
+    return _T_MANY if _pow2(head_dim) == 128 else _T_MID  # (other D: untimed below T=256)
 
 
 def many_heads(num_q_heads: int, num_kv_heads: int) -> bool:
@@ -533,9 +537,9 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
                      is_neox, tuple(_BLOCK_OVERRIDE))
-    # the choice only changes at _T_SMALL, _T_MID and _T_LARGE
-    bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_MID else \
-        _T_MID if num_tokens < _T_LARGE else _T_LARGE
+    # the choice only changes at _T_SMALL, _T_MANY, _T_MID and _T_LARGE
+    bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_MANY else \
+        _T_MANY if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
     return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, is_neox,
                  None)
 

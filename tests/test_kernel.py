@@ -166,7 +166,7 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
 def test_dynamic_tiles_modes_take_their_plans(shape):
     """FusionOptions.dynamic_tiles: a dynamic T gets the T=32 plan ("decode") or the T=1024
     one ("prefill"), both with the late loads (EARLY off) and no switch; "auto" the T=32 plan
-    below T=1024 (T=256 for GLM-4.5, where launch() changes tiles) and from there the same
+    below T=1024 (T=128 for GLM-4.5, see MANY_HEADS_SWITCH_T) and from there the same
     head tiles and warps with 2 tokens a program (16 elements a thread): the T=1024 plan
     itself for the dense shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -186,14 +186,18 @@ def test_dynamic_tiles_modes_take_their_plans(shape):
         assert got.constexprs == {**want.constexprs, "EARLY": False}
     auto = inductor_launch.plan(t, **kw)
     assert auto.tiles == tile_plan(32, hq, hkv, d, r, True, True, True, False)
-    switch = 256 if hq == 96 else 1024
+    switch = 128 if hq == 96 else 1024
     assert (auto.switch_t, auto.big_block_t) == (switch, 2)
     if d == 128:  # dense shapes: the big branch is exactly the plan from the switch on
         for at in (switch, 1024):
             big = tile_plan(at, hq, hkv, d, r, True, True, True, False)
             assert (big.block_t, big.head_tiles, big.num_warps) == \
                 (2, auto.tiles.head_tiles, auto.tiles.num_warps)
-        below = tile_plan(switch - 1, hq, hkv, d, r, True, True, True, False)
+        # below launch()'s own change of tiles (T=64 for GLM-4.5, whose switch comes later:
+        # MANY_HEADS_SWITCH_T) the decode tiles are launch()'s
+        from kernels.triton_kernel import large_tiles_from
+        below = tile_plan(large_tiles_from(d, hq, hkv) - 1, hq, hkv, d, r, True, True, True,
+                          False)
         assert below[:3] == auto.tiles[:3]
 
 
@@ -566,8 +570,9 @@ def test_early_loads_only_for_static_small_t():
 def test_register_budget_only_for_early_loads_in_one_wave(monkeypatch):
     """The budget (``_EARLY_MAX_REGS``) goes to launches with early loads whose grid fits on
     the multiprocessors at once (``_BUDGET_WARPS_PER_SM``): GLM-4.5 on 132 of them takes it
-    at T=64 (896 programs of 4 warps) but not at T=128 (1792), nor at T=256 (late loads), and
-    no device without the option (the CPU) takes it at all."""
+    at T=32 (448 programs of 4 warps, one token each) and T=64 (448, two tokens each) but not
+    at T=192 (1344 programs: 5376 warps), nor at T=256 (late loads), and no device without
+    the option (the CPU) takes it at all."""
     from kernels import triton_kernel
     seen = []
 
@@ -582,18 +587,25 @@ def test_register_budget_only_for_early_loads_in_one_wave(monkeypatch):
     triton_kernel.launch(*make_args(Case(T=64, **glm)))
     monkeypatch.setattr(triton_kernel, "_maxnreg_ok", lambda dev: True)
     monkeypatch.setattr(triton_kernel, "_sm_count", lambda dev: 132)
-    for t in (64, 128, 256):
+    for t in (32, 64, 192, 256):
         triton_kernel.launch(*make_args(Case(T=t, **glm)))
     budget = triton_kernel._EARLY_MAX_REGS
     assert budget is not None
-    assert seen == [(896, None), (896, budget), (1792, None), (1792, None)]
+    assert seen == [(448, None), (448, budget), (448, budget), (1344, None), (1792, None)]
 
 
 def test_mid_t_tiles_for_many_head_models():
-    """From T=256 many heads a token (GLM-4.5) take the large-T tile, 2 tokens of 8 heads."""
-    from kernels.triton_kernel import _pick_blocks
-    assert _pick_blocks(256, 128, 96, 8) == (2, 8, 128, 4)  # GLM-4.5
+    """From T=64 many heads a token at D=128 (GLM-4.5) take the large-T tile, 2 tokens of 8
+    heads, with early loads below T=256; at other D from T=256, as before (untimed)."""
+    from kernels.triton_kernel import _pick_blocks, tile_plan
+    assert _pick_blocks(64, 128, 96, 8) == (2, 8, 128, 4)  # GLM-4.5
+    assert _pick_blocks(256, 128, 96, 8) == (2, 8, 128, 4)
     assert _pick_blocks(1023, 128, 96, 8) == (2, 8, 128, 4)
+    assert _pick_blocks(63, 128, 96, 8) == (1, 8, 128, 4)  # decode sizes unchanged
     assert _pick_blocks(256, 128, 32, 8) == (1, 8, 128, 4)  # Qwen3-8B keeps one token
-    assert _pick_blocks(64, 128, 96, 8) == (1, 8, 128, 4)  # decode sizes unchanged
     assert _pick_blocks(1024, 128, 96, 8) == (2, 8, 128, 4)  # large T unchanged
+    assert _pick_blocks(64, 64, 96, 8)[0] == 1 and _pick_blocks(256, 64, 96, 8)[0] == 4  # D=64
+    for t, early in ((64, True), (255, True), (256, False)):  # the buckets around T=64
+        plan = tile_plan(t, 96, 8, 128, 64, True, True, True, False)
+        assert (plan.block_t, plan.constexprs["EARLY"]) == (2, early)
+    assert tile_plan(63, 96, 8, 128, 64, True, True, True, False).block_t == 1

@@ -121,8 +121,8 @@ def test_inductor_launch_dynamic_cache_forms():
     a dynamic T with ``dynamic_tiles="prefill"`` (its launch must carry the T=1024 tiles),
     and dynamic T run past the large-T switch (lowered to T=4 for those forms), with larger
     tiles there (int32 offsets, int64 ones with int32 turned off, and both past a lowered
-    int32 bound) and with the same one-token tiles, and the switch at T=256 for 64 heads a
-    token."""
+    int32 bound) and with the same one-token tiles, and the switch at T=128 for 64 heads a
+    token at D=128."""
     forms = ("view_dyn_cache,hnd_dyn_cache,view_dyn_cache_dyn_t,gated_dyn_prefill,"
              "view_dyn_switch,view_dyn_switch_int64,view_dyn_switch_wide,d256_kv8_dyn_switch,"
              "many_heads_dyn")

@@ -43,16 +43,16 @@ def test_pass_dynamic_tokens_on_cuda():
 
 
 @pytest.mark.parametrize("hq, switch, tokens, cap", [(8, 1024, (40, 1100, 1023), None),
-                                                     (48, 256, (40, 300, 255, 1100), None),
-                                                     (48, 256, (40, 300, 1100, 255), 600)],
-                         ids=["switch_1024", "many_heads_256", "many_heads_int64_from_600"])
+                                                     (48, 128, (40, 300, 127, 1100), None),
+                                                     (48, 128, (40, 300, 1100, 127), 600)],
+                         ids=["switch_1024", "many_heads_128", "many_heads_int64_from_600"])
 def test_dynamic_tokens_across_the_tile_switch_on_cuda(hq, switch, tokens, cap, monkeypatch):
     """One dynamic-T graph (``dynamic_tiles="auto"``) run on both sides of the tile switch: the
     kernel's small-T branch, its large-T one (4 tokens a program at 8 Q heads) and the small-T
     branch again just below the switch, each against eager, with no recompile in between.
-    With 64 heads a token (48 Q + 2 x 8 KV, GLM-4.5-like) the switch is at T=256.  ``cap``
-    lowers the large-T branch's int32 bound (``INT32_BELOW_CAP``): T=1100 then runs its int64
-    copy, one token a program (a third grid step)."""
+    With 64 heads a token (48 Q + 2 x 8 KV, GLM-4.5-like, D=128) the switch is at T=128.
+    ``cap`` lowers the large-T branch's int32 bound (``INT32_BELOW_CAP``): T=1100 then runs
+    its int64 copy, one token a program (a third grid step)."""
     import re
 
     from fusion_pass import inductor_launch
