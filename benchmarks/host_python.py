@@ -83,6 +83,8 @@ def main() -> None:
     for name, fn in rows:
         print(f"{name:32} {per_call_us(fn, 5000, cuda=False):7.1f} us")
     # the same with CachedLauncher's Python in (its key or its memo), the C launch stubbed
+    from kernels import fast_launch
+    saved = fast_launch._device_and_stream
     stub = _stub_launcher()
     triton_kernel._cached_launcher = lambda: stub
     api.forget_calls()
@@ -90,7 +92,9 @@ def main() -> None:
     for name, fn in [("entry point + launcher", lambda: kernels.split_norm_rope_cache(**inp)),
                      ("FusedQKVLayer + launcher", lambda: layer(**step))]:
         print(f"{name:32} {per_call_us(fn, 5000, cuda=False):7.1f} us")
-    print(f"# launcher hits {stub.hits}, misses {stub.misses}")
+    print(f"# launcher hits {stub.hits}, misses {stub.misses} (memo {stub.memo_hits})")
+    triton_kernel._cached_launcher, fast_launch._device_and_stream = _NoLaunch, saved
+    api.forget_calls()  # --profile below: our Python with the no-op launcher, as before
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

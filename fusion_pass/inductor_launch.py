@@ -261,13 +261,18 @@ def supported(device: torch.device) -> tuple[bool, str]:
 # Where a dynamic-T launch ("auto") switches to its large-T tiles: launch()'s own switch.
 # The CPU checks lower it to run the large-T branch at a few tokens (it is no pass option).
 SWITCH_T = _tk._T_LARGE
-# The same with many heads a token at D = 128 (GLM-4.5).  launch() takes 2-token tiles from
-# T = 64 with early loads; the large-T branch here has late loads (early ones cost up to 14%
-# at large T), and with those the 2-token tile overtakes the small-T one (early loads) only
-# at T = 128: 2.92-3.01 against 3.04-3.05 us, 3.50-3.52 against 3.99-4.02 at T = 192, but
-# 2.74-2.76 against 2.64-2.70 at T = 96 and 2.36-2.38 against 2.21 at T = 64 (GLM-4.5, H200,
-# results/h200-2026-12-01-s13-tune-glm-early.txt).  Other D keep T = 256 (untimed).
-MANY_HEADS_SWITCH_T = 128
+# The same where launch() takes 2-token tiles with early loads from T = 64: many heads a token
+# at D = 128 exactly (GLM-4.5), and a whole-row tail tile of at most 512 elements a token whose
+# large-T branch takes 2 tokens (Qwen3-Next).  The large-T branch here has late loads (early
+# ones cost up to 14% at large T); with those the 2-token tile overtakes the small-T one
+# (early loads) at T = 128.  GLM-4.5: 2.92-3.01 against 3.04-3.05 us, 3.50-3.52 against
+# 3.99-4.02 at T = 192, but 2.74-2.76 against 2.64-2.70 at T = 96 and 2.36-2.38 against 2.21
+# at T = 64 (results/h200-2026-12-01-s13-tune-glm-early.txt).  Qwen3-Next without the gate
+# output (what its compiled chain launches): 2.00 against 2.05-2.08 at T = 128, 2.50-2.52 /
+# 3.40-3.46 / 4.47-4.54 against 2.90-2.91 / 4.45-4.51 / 5.99-6.04 at T = 256 / 512 / 768, but
+# 1.84-1.87 against 1.80-1.83 at T = 64 (...-s13-tune-qwen3-next-mid.txt).  Many heads at
+# other D keep T = 256 (untimed).
+MID_SWITCH_T = 128
 # The CPU checks also lower the large-T branch's int32 bound (None: as the spans allow) to run
 # its int64 copy at a few tokens.
 INT32_BELOW_CAP: Optional[int] = None
@@ -295,14 +300,15 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
 
     Static T: exactly ``launch()``'s choice (``tile_plan``).  Dynamic T, ``"auto"``: the
     choice for T = 32 (one token a program, T x head-tiles programs; a whole-row tail tile
-    when the unrotated tail is not a power of two) below T = 1024 (with 64 or more heads a
-    token, e.g. GLM-4.5: T = 128 at D = 128, see ``MANY_HEADS_SWITCH_T``, T = 256 at other D;
-    launch() changes tiles at D = 256 too, where the switch stays at 1024, untimed), and
-    from there the same head tiles
-    and warps with 16 elements a thread, 2 tokens a program for the benchmark shapes (an
-    H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one token a program; 1.92
-    against 1.83 us at T = 1 if used there), late loads, and int32 offsets up to the bound
-    ``_offset_widths`` works out; past it int64 ones, on the small-T tile's tokens.
+    when the unrotated tail is not a power of two) below T = 1024 (T = 128, ``MID_SWITCH_T``,
+    with 64 or more heads a token at D = 128, e.g. GLM-4.5, and for a whole-row tail tile
+    whose large-T branch takes 2 tokens, e.g. Qwen3-Next; T = 256 with many heads at other D;
+    launch() changes tiles at D = 256 too, where the switch stays at 1024, untimed), and from
+    there the same head tiles and warps with 16 elements a thread, 2 tokens a program for the
+    benchmark shapes (an H200, gate-less Qwen3-Next at T = 65536: 355 against 412 us for one
+    token a program; 1.92 against 1.83 us at T = 1 if used there), late loads, and int32
+    offsets up to the bound ``_offset_widths`` works out; past it int64 ones, on the small-T
+    tile's tokens.
     ``"decode"``: the T = 32 tiles for every T, ``"prefill"``: the T = 1024 ones for every T,
     both with late loads (EARLY off: early loads gain ~0.1 us at small T but cost up to 14%
     at large T).
@@ -324,15 +330,20 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
         return Plan(tiles)
     # From the switch: 16 elements a thread (2 tokens for the benchmark shapes), or still one
     # token when a row of head tiles already has that many (D = 256 with 8 KV heads), late
-    # loads either way.  Many heads a token: from MANY_HEADS_SWITCH_T (D = 128) or T = 256
+    # loads either way.  Many heads a token: from MID_SWITCH_T (D = 128) or T = 256
     # (for GLM-4.5 launch()'s tile, 2 tokens of 8 heads on 4 warps; at D = 64 launch() takes
-    # 4 tokens on 4 warps, this branch 2 tokens on the small-T tile's 2 warps).
+    # 4 tokens on 4 warps, this branch 2 tokens on the small-T tile's 2 warps).  A whole-row
+    # tail tile with 2 tokens in this branch: from MID_SWITCH_T too (Qwen3-Next: 2 tokens of
+    # 2 heads on 2 warps, where launch() takes them on 4 warps with early loads).
     c = tiles.constexprs
     row = c["BLOCK_H"] * c["BLOCK_D"]
+    big = max(1, 16 * 32 * tiles.num_warps // row)
     switch = SWITCH_T
     if _tk.many_heads(hq, hkv) and not c["ROW_TAIL"] and not c["PAIRS"]:
-        switch = min(SWITCH_T, MANY_HEADS_SWITCH_T if c["BLOCK_D"] == 128 else _tk._T_MID)
-    return Plan(tiles, switch, max(1, 16 * 32 * tiles.num_warps // row))
+        switch = min(SWITCH_T, MID_SWITCH_T if d == 128 else _tk._T_MID)
+    elif c["ROW_TAIL"] and big > 1:
+        switch = min(SWITCH_T, MID_SWITCH_T)
+    return Plan(tiles, switch, big)
 
 
 def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,

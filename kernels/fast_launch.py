@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import operator
 import re
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -93,14 +94,14 @@ _PROBE: Optional[tuple] = None
 class CachedLauncher:
     """Launch ``jit_fn`` through a per-key cache of its compiled launcher.
 
-    ``launcher(grid, args, constexprs, num_warps, launch_pdl=False, maxnreg=None)`` does what
-    ``jit_fn[grid](*args, **constexprs, num_warps=num_warps[, launch_pdl=True][,
+    ``launcher(grid, args, constexprs, num_warps, launch_pdl=False, maxnreg=None, memo=None)``
+    does what ``jit_fn[grid](*args, **constexprs, num_warps=num_warps[, launch_pdl=True][,
     maxnreg=maxnreg])`` does.
     ``args``: the runtime (non-constexpr) arguments in kernel order; ``constexprs``: a tuple
     in kernel order (fast) or a dict by name; ``grid``: a tuple of 1 to 3 ints.  ``memo``: a
     list the caller keeps for launches that repeat every argument but the tensors' data
-    (same dtypes and devices, same non-tensor values, constexprs and options): the first
-    launch fills it, and the later ones skip the key (~70 arguments) and read only the
+    (same devices, same non-tensor values, constexprs and options; a dtype is checked): the
+    first launch fills it, and the later ones skip the key (~70 arguments) and read only the
     tensors' pointers (see ``_relaunch``).  Counters
     ``hits`` / ``misses`` say which path ran (``memo_hits``: the hits through a memo);
     ``why_slow`` says why the fast path is off for good ("" when it is on).
@@ -141,7 +142,7 @@ class CachedLauncher:
                  constexprs: Union[tuple, Mapping[str, Any]], num_warps: int,
                  launch_pdl: bool = False, maxnreg: Optional[int] = None,
                  memo: Optional[list] = None) -> None:
-        if memo and memo[0].owner is not self:  # filled by a launcher since replaced
+        if memo and memo[0].owner() is not self:  # filled by a launcher since replaced
             memo.clear()  # (the kernel was swapped and back): this one refills it
         if memo:  # a repeat of the launch that filled it: only the tensors are new
             relaunch = self._relaunch(memo[0], grid, args)
@@ -169,7 +170,7 @@ class CachedLauncher:
             self._miss(grid, args, constexprs, num_warps, launch_pdl, maxnreg, memo)
             return
         self.hits += 1
-        if memo is not None and not memo:
+        if memo is not None:  # empty, or its launch did not fit this call
             self._fill(memo, dev, options, entry, args, vals)
         run, function, packed = entry
         # launch_metadata and both hooks None: what the launcher does with idle hooks anyway
@@ -222,17 +223,23 @@ class CachedLauncher:
             dev, options = self._device(), self._options(_knobs)
             entry = (kernel.run, kernel.function, kernel.packed_metadata)
             self._cache[dev, options, num_warps, launch_pdl, maxnreg, key] = entry
-            if memo is not None and not memo:
+            if memo is not None:
                 self._fill(memo, dev, options, entry, args, vals)
         except Exception:
             pass  # the kernel ran; this key just stays on the normal path
 
     def _fill(self, memo: list, dev, options, entry, args, vals) -> None:
+        """Fill an empty memo, or replace one whose launch did not fit a call (another
+        device or knobs, a pointer no longer aligned: this call's kernel then stays, which
+        takes any alignment), at most ``_MEMO_FILLS`` times (a caller that alternates)."""
+        old = memo[0] if memo else None
+        if old is not None and (old.entry is entry or old.fills >= _MEMO_FILLS):
+            return
         try:
-            memo.append(_Memo(self, dev, options, entry, _make_fill(self._is_const, args,
-                                                                    vals)))
+            fill = _make_fill(self._is_const, args, vals)
         except Exception:
-            pass  # an argument kind the memo does not cover: the key path every call
+            return  # an argument kind the memo does not cover: the key path every call
+        memo[:] = [_Memo(self, dev, options, entry, fill, old.fills + 1 if old else 1)]
 
     def _relaunch(self, m: "_Memo", grid, args) -> Optional[Callable[[], None]]:
         """The launch of ``args`` through memo ``m`` (None: take the other paths).  It checks
@@ -240,7 +247,8 @@ class CachedLauncher:
         the compile-option knobs, the kernel's globals, and the alignment of each pointer
         that was a multiple of 16 (Triton compiled for that)."""
         try:
-            if self.fn.pre_run_hooks or any(self._hooks(_knobs)) or self._device() != m.dev or self._options(_knobs) != m.options:
+            if self.fn.pre_run_hooks or any(self._hooks(_knobs)) or \
+                    self._device() != m.dev or self._options(_knobs) != m.options:
                 return None
             ug = self.fn.used_global_vals
             if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
@@ -258,30 +266,33 @@ class CachedLauncher:
 
 
 _MISSING = object()
+_MEMO_FILLS = 8
 
 
 class _Memo:
     """One kept launch of a ``CachedLauncher``, for a caller whose later calls repeat every
-    argument but the tensors, which keep their dtype and device (``BoundLaunch`` with a kept
-    plan): the launcher entry and ``fill`` (see ``_make_fill``).  Holds no tensor."""
+    argument but the tensors, which keep their device (``BoundLaunch`` with a kept plan): the
+    launcher entry and ``fill`` (see ``_make_fill``).  Holds no tensor, and its launcher only
+    weakly."""
 
-    __slots__ = ("owner", "dev", "options", "entry", "fill")
+    __slots__ = ("owner", "dev", "options", "entry", "fill", "fills")
 
-    def __init__(self, owner, dev, options, entry, fill) -> None:
-        self.owner, self.dev, self.options, self.entry, self.fill = \
-            owner, dev, options, entry, fill
+    def __init__(self, owner, dev, options, entry, fill, fills: int) -> None:
+        self.owner, self.dev, self.options, self.entry, self.fill, self.fills = \
+            weakref.ref(owner), dev, options, entry, fill, fills
 
 
 def _make_fill(is_const: list, args: Sequence[Any], vals: tuple) -> Callable:
     """Generated ``fill(*args)``: ``vals`` (the launcher's arguments of the call that filled
     the memo: kernel order, constexprs included, pointers as ints) with each tensor's pointer
-    read anew; None when a pointer that was a multiple of 16 no longer is (the kernel was
-    compiled for that).  A tensor that was also an earlier argument (the packed qkv three
-    times, the table standing in for absent pointers) is read once while it still is."""
+    read anew; None when a tensor's dtype differs or a pointer that was a multiple of 16 no
+    longer is (the kernel was compiled for both).  A tensor that was also an earlier argument
+    (the packed qkv three times, the table standing in for absent pointers) is read once
+    while it still is."""
     pos = [k for k, c in enumerate(is_const) if not c]  # runtime arg i sits at vals[pos[i]]
     if len(pos) != len(args) or len(is_const) != len(vals):
         raise ValueError("arguments and kernel parameters differ")
-    body, aligned, first = [], [], {}
+    body, aligned, first, dtypes = [], [], {}, []
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
             continue
@@ -291,11 +302,14 @@ def _make_fill(is_const: list, args: Sequence[Any], vals: tuple) -> Callable:
         body.append(f"    v[{pos[i]}] = p{i}")
         if vals[pos[i]] % 16 == 0:
             aligned.append(f"p{i}")
+        dtypes.append((f"a{i}.dtype", a.dtype))
     check = f"    if ({' | '.join(aligned)}) & 15:\n        return None\n" if aligned else ""
-    src = (f"def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n"
+    src = (f"def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n" +
+           (f"    if ({', '.join(e for e, _ in dtypes)},) != _dtypes:\n        return None\n"
+            if dtypes else "") +
            "    v = list(_vals)\n" + "".join(line + "\n" for line in body) + check +
            "    return v\n")
-    ns: dict = {"_vals": tuple(vals)}
+    ns: dict = {"_vals": tuple(vals), "_dtypes": tuple(d for _, d in dtypes)}
     exec(src, ns)
     return ns["fill"]
 

@@ -36,7 +36,11 @@ class FusedQKVLayer:
             if kwargs.get(name) is None:
                 raise ValueError(f"FusedQKVLayer: {name} is required")
         self._kw = kwargs
-        self._geo_tensors = [kwargs[n] for n in ("key_cache", "value_cache", "cos_sin_cache")]
+        # every bound tensor the launch reads (the weights and scales too: their dtype picks
+        # the compiled kernel, and a kept launch re-reads only their pointers)
+        self._geo_tensors = [kwargs[n] for n in ("key_cache", "value_cache", "cos_sin_cache",
+                                                 "q_weight", "k_weight", "k_scale", "v_scale")
+                             if isinstance(kwargs.get(n), torch.Tensor)]
         self._geom: Optional[list] = None
         self._sig: Optional[tuple] = None  # what the validated call looked like
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
@@ -74,10 +78,11 @@ class FusedQKVLayer:
         return out
 
     def _geometry(self) -> list:
-        """Memory, shape, strides and dtype of the bound caches and table: the validated call
-        holds views of them (the table's halves, a uint8 cache as fp8) and the bound launch
-        their geometry, so an in-place change (``resize_``, ``set_``, ``.data =``) must send
-        the next call through validation, not write through the old views."""
+        """Memory, shape, strides and dtype of the bound caches, table, weights and scales:
+        the validated call holds views of them (the table's halves, a uint8 cache as fp8) and
+        the bound launch their geometry and the kernel compiled for their dtypes, so an
+        in-place change (``resize_``, ``set_``, ``.data =``, ``module.to()``) must send the
+        next call through validation, not write through the old views."""
         return [(x.data_ptr(), x.shape, x.stride(), x.dtype) for x in self._geo_tensors]
 
     def _launch(self, qkv, positions, slot_mapping, t) -> FusedQKV:

@@ -447,8 +447,9 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-# the only token counts at which the tile choice changes (_T_MANY: for many heads a token)
-_T_SMALL, _T_MANY, _T_MID, _T_LARGE = 32, 64, 256, 1024
+# the only token counts at which the tile choice changes (_T_TWO: 2-token tiles with early
+# loads for many heads a token and for the whole-row tail tile, see _pick_blocks)
+_T_SMALL, _T_TWO, _T_MID, _T_LARGE = 32, 64, 256, 1024
 
 
 def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads: int,
@@ -457,24 +458,30 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
 
     BLOCK_H: up to 8 heads, but no more than the KV heads (with 2 KV heads, 8-head tiles leave
     K/V programs 3/4 idle).  Small T: one token per program (more programs, shorter latency
-    chain).  Large T (and mid T at D=256 or with many heads a token, see ``large_tiles_from``;
-    below T=256 these keep the early loads):
-    tiles of 2K elements, 16 per thread (4 warps): at D=256 that beat 32 per thread by 16% at
+    chain).  Large T (and mid T at D=256 or with many heads a token, see ``large_tiles_from``,
+    with early loads below T=256): tiles of 2K elements, 16 per thread (4 warps): at D=256
+    that beat 32 per thread by 16% at
     T=65536 (94 registers a thread held occupancy to 31%).  With a whole-row tail tile
     (ROW_TAIL): from T=1024 one token of up to 1024 elements a program on one warp, as many
     heads as the Q heads allow even if K/V tiles then have idle rows (Qwen3-Next, 4 heads of
     2 KV heads, T=65536: 557 against 572 us for 4 tokens of 2 heads on 4 warps; gate-less
     350 / 381 us); below, the small-T tiles (at T=256 the 1024-element tile took 3.85 us, the
-    split tiles 3.55, gated).
+    split tiles 3.55, gated), two tokens of them on twice the warps from T=64 where a token's
+    tile has at most 512 elements (Qwen3-Next, 2 heads: T = 64 / 128 / 256 / 512 / 768 took
+    1.80 / 2.10-2.14 / 2.95-2.98 / 4.26-4.35 / 5.45-5.62 us gated against 1.86-1.89 /
+    2.17-2.19 / 3.01-3.02 / 4.50-4.53 / 6.05-6.27 for one token, and 1.74-1.75 / 1.95-1.98 /
+    2.56-2.59 / 4.03-4.05 / 5.12-5.20 against 1.80-1.83 / 2.05-2.08 / 2.90-2.91 / 4.45-4.51 /
+    5.99-6.04 without the gate output; ``results/h200-2026-12-01-s13-tune-qwen3-next-mid.txt``).
     """
     block_d = _pow2(head_dim)
     if row_tail and num_tokens >= _T_LARGE:  # (K/V tiles may have more heads than there are)
         return 1, max(1, min(_pow2(num_q_heads), 1024 // block_d)), block_d, 1
-    if row_tail:
-        num_tokens = 1  # the small-T tiles
     block_h = max(1, min(8, _pow2(num_kv_heads), 4096 // block_d))
     block_t = 1
-    if num_tokens >= large_tiles_from(head_dim, num_q_heads, num_kv_heads):
+    if row_tail:  # below T=1024 the small-T tile, two tokens of it from T=64 when it is small
+        if num_tokens >= _T_TWO and block_h * block_d <= 512:
+            block_t = 2
+    elif num_tokens >= large_tiles_from(head_dim, num_q_heads, num_kv_heads):
         block_t = max(1, 2048 // (block_h * block_d))
     num_warps = 4 if block_t * block_h * block_d >= 1024 else 2
     return block_t, block_h, block_d, num_warps
@@ -482,17 +489,19 @@ def _pick_blocks(num_tokens: int, head_dim: int, num_q_heads: int, num_kv_heads:
 
 def large_tiles_from(head_dim: int, num_q_heads: int, num_kv_heads: int) -> int:
     """The T from which ``_pick_blocks`` gives the large-T tiles (without ROW_TAIL): T=64 with
-    many heads a token at D=128, T=256 with many heads at other D or at D=256, else T=1024.  GLM-4.5 (112 heads a token) on an H200:
-    2 tokens of 8 heads on 4 warps took 4.13 / 6.50 / 10.38 us at T = 256 / 512 / 768, against
-    4.27 / 6.87 / 10.81 for 2 tokens of 4 heads on one warp, and 1 token of 8 heads (the
-    small-T tile) lost by 20% at T=256 (``results/h200-2026-11-30-tune-mid-glm.txt``).  With
+    many heads a token at D=128 exactly, T=256 with many heads at other D or at D=256, else
+    T=1024.
+    GLM-4.5 (112 heads a token) on an H200: 2 tokens of 8 heads on 4 warps took 4.13 / 6.50 /
+    10.38 us at T = 256 / 512 / 768, against 4.27 / 6.87 / 10.81 for 2 tokens of 4 heads on
+    one warp, and 1 token of 8 heads (the small-T tile) lost by 20% at T=256
+    (``results/h200-2026-11-30-tune-mid-glm.txt``).  With
     the early loads (below T=256) the 2-token tile also wins from T=64: 2.11-2.18 / 2.42-2.50 /
     2.68-2.77 / 3.48-3.51 us at T = 64 / 96 / 128 / 192 against 2.14-2.21 / 2.64-2.70 /
     3.00-3.07 / 3.96-4.03 for the small-T tile, and ties it at T = 32 (1.75-1.80 against
     1.79-1.87; ``results/h200-2026-12-01-s13-tune-glm-mid.txt``)."""
     if not many_heads(num_q_heads, num_kv_heads):
         return _T_MID if _pow2(head_dim) > 128 else _T_LARGE
-    return _T_MANY if _pow2(head_dim) == 128 else _T_MID  # (other D: untimed below T=256)
+    return _T_TWO if head_dim == 128 else _T_MID  # (other D: untimed below T=256)
 
 
 def many_heads(num_q_heads: int, num_kv_heads: int) -> bool:
@@ -537,9 +546,9 @@ def tile_plan(num_tokens: int, hq: int, hkv: int, d: int, rotary_dim: int, write
     if _BLOCK_OVERRIDE is not None:  # benchmarks/tune_kernel.py sweeps tile shapes
         return _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
                      is_neox, tuple(_BLOCK_OVERRIDE))
-    # the choice only changes at _T_SMALL, _T_MANY, _T_MID and _T_LARGE
-    bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_MANY else \
-        _T_MANY if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
+    # the choice only changes at _T_SMALL, _T_TWO, _T_MID and _T_LARGE
+    bucket = 1 if num_tokens < _T_SMALL else _T_SMALL if num_tokens < _T_TWO else \
+        _T_TWO if num_tokens < _T_MID else _T_MID if num_tokens < _T_LARGE else _T_LARGE
     return _plan(bucket, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate, is_neox,
                  None)
 
@@ -557,8 +566,9 @@ def _plan(num_tokens, hq, hkv, d, rotary_dim, write_q, run_k, run_v, write_gate,
         block_t, block_h, block_d, num_warps = _pick_blocks(num_tokens, d, hq, hkv, row_tail)
         pairs = is_neox and _use_pairs(num_tokens, d, rotary_dim)
         # loads before the norm's reduction: -0.1 to -0.2 us at T <= 64 on an H200, but up to
-        # 14% slower at T = 65536 for partial rotary (GLM-4.5)
-        early = num_tokens < _T_MID
+        # 14% slower at T = 65536 for partial rotary (GLM-4.5); the whole-row tail tile keeps
+        # them up to T=1024 (Qwen3-Next T=256: 2.95-2.98 against 3.10 us, 2 tokens a program)
+        early = num_tokens < (_T_LARGE if row_tail else _T_MID)
     row_tail = row_tail and is_neox and d > rotary_dim and not pairs
     # Q programs also copy the gate of their heads (one pass over each interleaved [q|g] row)
     nqb = _cdiv(hq, block_h) if (write_q or write_gate) else 0
@@ -596,7 +606,8 @@ _EARLY_MAX_REGS: Optional[int] = 64
 # Warps a multiprocessor holds under the budget: 40 at 44 registers a thread (the most seen,
 # 42 warps in 4-warp programs; 48 at 40).  A grid past that many warps on every
 # multiprocessor runs in more than one wave, and occupancy wins back over latency: GLM-4.5
-# T=128 (7168 warps, 132 SMs) took 3.20 us with the budget against 2.99 without.
+# T=128 on one token a program (7168 warps, 132 SMs; its tile before the 2-token one from
+# T=64) took 3.20 us with the budget against 2.99 without.
 _BUDGET_WARPS_PER_SM = 40
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None

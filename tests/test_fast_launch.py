@@ -287,7 +287,7 @@ def test_memo_relaunches_with_new_pointers_only(stub):
     assert compiled.launches[-1][9] == x.data_ptr()
 
 
-def test_memo_gives_way_when_alignment_hooks_device_or_owner_change(stub, monkeypatch):
+def test_memo_gives_way_when_alignment_dtype_or_hooks_change(stub):
     from triton import knobs
 
     jf, compiled, normal = stub
@@ -295,9 +295,10 @@ def test_memo_gives_way_when_alignment_hooks_device_or_owner_change(stub, monkey
     x = torch.zeros(32)
     memo = []
     launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
-    # a pointer no longer 16-byte aligned: Triton's other specialisation (a new key)
-    launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)
+    first = memo[0]
+    launch((1,), (x.double(), 48, 0.5), (True, 8), 4, memo=memo)  # another dtype: a new key
     assert len(normal) == 2 and compiled.launches == []
+    assert memo[0] is not first  # the memo now holds the launch that ran last
     hook = lambda metadata: None  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
@@ -305,17 +306,51 @@ def test_memo_gives_way_when_alignment_hooks_device_or_owner_change(stub, monkey
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert len(normal) == 3 and compiled.launches == []
-    launch._device = lambda: 1  # another current device: its own kernel load
-    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
-    assert len(normal) == 4 and compiled.launches == []
     launch((1,), (x, 48, 2), (True, 8), 4, memo=[])  # an int where a float was: not cached
     launch((1,), (x, 48, 2), (True, 8), 4, memo=[])
-    assert len(normal) == 6 and compiled.launches == []
+    assert len(normal) == 5 and compiled.launches == []
+
+
+def test_a_memo_that_does_not_fit_is_replaced_a_bounded_number_of_times(stub):
+    """A pointer that lost its alignment, another current device: the key path launches the
+    right kernel and the memo takes it (for an unaligned pointer that kernel takes any), at
+    most _MEMO_FILLS times, so a caller that alternates does not rebuild it every call."""
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x = torch.zeros(32)
+    memo = []
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)  # unaligned: its own kernel
+    assert len(normal) == 2 and memo[0].fills == 2
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)  # the unaligned kernel takes it
+    assert launch.memo_hits == 1 and len(normal) == 2
+    dev = [0]
+    launch._device = lambda: dev[0]
+    for k in range(1, 20):  # another current device each call: its own kernel load
+        dev[0] = k % 2 + 1
+        launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    assert memo[0].fills == fast_launch._MEMO_FILLS
+
+
+def test_a_memo_repeats_the_non_tensor_arguments_it_was_filled_with(stub):
+    """The memo's contract: its caller keeps ints, floats, constexprs and options; the memo
+    reads only the tensors (BoundLaunch keeps a memo per plan, which fixes all of those)."""
+    jf, compiled, normal = stub
+    launch = CachedLauncher(jf)
+    x, y = torch.zeros(32), torch.zeros(32)
+    memo = []
+    launch((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
+    launch((1,), (y, 64, 1.5), (True, 8), 4, memo=memo)
+    assert compiled.launches[-1][9:] == (y.data_ptr(), 48, 0.5, True, 8)
 
 
 def test_a_memo_of_a_replaced_launcher_is_refilled(stub):
     """The kernel swapped out and back (profile_launch.py, tests) gives a new launcher: it
-    must not launch through the old one's memo, nor leave it stale for good."""
+    must not launch through the old one's memo, nor leave it stale for good, nor keep the
+    old launcher alive."""
+    import gc
+    import weakref
+
     jf, compiled, normal = stub
     old, new = CachedLauncher(jf), CachedLauncher(jf)
     x = torch.zeros(32)
@@ -325,8 +360,12 @@ def test_a_memo_of_a_replaced_launcher_is_refilled(stub):
     new((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)  # its own first launch: refills it
     assert new.misses == 1 and len(memo) == 1 and memo[0] is not first
     new((1,), (x, 48, 0.5), (True, 8), 4, memo=memo)
-    assert (new.hits, new.memo_hits) == (1, 1) and memo[0].owner is new
+    assert (new.hits, new.memo_hits) == (1, 1) and memo[0].owner() is new
     assert len(compiled.launches) == 1
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None and first.owner() is None
 
 
 def test_memo_of_an_unaligned_pointer_takes_any(stub):

@@ -137,9 +137,17 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     assert plan(1, 256, 64)[:2] == (True, False)  # Qwen3-Next: a 192-wide tail
     assert plan(31, 256, 64)[:2] == (True, False)
     assert plan(32, 256, 64) == (False, True, (1, 2, 2))
-    assert plan(255, 256, 64) == (False, True, (1, 2, 2))
-    assert plan(1023, 256, 64) == (False, True, (1, 2, 2))
+    assert plan(63, 256, 64) == (False, True, (1, 2, 2))
+    assert plan(64, 256, 64) == (False, True, (2, 2, 4))  # two tokens from T=64
+    assert plan(255, 256, 64) == (False, True, (2, 2, 4))
+    assert plan(1023, 256, 64) == (False, True, (2, 2, 4))
     assert plan(1024, 256, 64) == (False, True, (1, 4, 1))
+    # early loads up to T=1024 on the whole-row tail tile (256 elsewhere)
+    assert [tile_plan(t, 16, 2, 256, 64, True, True, True, True).constexprs["EARLY"]
+            for t in (255, 256, 1023, 1024)] == [True, True, True, False]
+    assert not tile_plan(256, 32, 8, 128, 128, True, True, True, False).constexprs["EARLY"]
+    # a whole-row tail tile of more than 512 elements a token keeps one token (8 KV heads)
+    assert tile_plan(300, 16, 8, 256, 64, True, True, True, False).block_t == 1
     assert plan(65536, 256, 64) == (False, True, (1, 4, 1))
     for t in (1, 64, 65536):
         assert plan(t, 128, 64)[:2] == (False, False)  # GLM-4.5: a 64-wide tail
@@ -156,7 +164,7 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
     kw = dict(hq=16, hkv=2, d=256, rotary_dim=64, write_q=True, run_k=True, run_v=True,
               write_gate=False)
     dyn = inductor_launch.plan(ShapeEnv().create_unbacked_symint(), **kw)
-    assert (dyn.switch_t, dyn.big_block_t) == (1024, 2)
+    assert (dyn.switch_t, dyn.big_block_t) == (inductor_launch.MID_SWITCH_T, 2)
     dyn = dyn.tiles
     assert dyn.constexprs["ROW_TAIL"] and not dyn.constexprs["PAIRS"] and dyn.block_t == 1
 
@@ -166,7 +174,7 @@ def test_odd_tail_heuristic_pairs_below_t32_row_tail_above():
 def test_dynamic_tiles_modes_take_their_plans(shape):
     """FusionOptions.dynamic_tiles: a dynamic T gets the T=32 plan ("decode") or the T=1024
     one ("prefill"), both with the late loads (EARLY off) and no switch; "auto" the T=32 plan
-    below T=1024 (T=128 for GLM-4.5, see MANY_HEADS_SWITCH_T) and from there the same
+    below T=1024 (T=128 for GLM-4.5 and Qwen3-Next, see MID_SWITCH_T) and from there the same
     head tiles and warps with 2 tokens a program (16 elements a thread): the T=1024 plan
     itself for the dense shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -186,7 +194,7 @@ def test_dynamic_tiles_modes_take_their_plans(shape):
         assert got.constexprs == {**want.constexprs, "EARLY": False}
     auto = inductor_launch.plan(t, **kw)
     assert auto.tiles == tile_plan(32, hq, hkv, d, r, True, True, True, False)
-    switch = 128 if hq == 96 else 1024
+    switch = 1024 if hq == 32 else 128  # GLM-4.5 and Qwen3-Next: MID_SWITCH_T
     assert (auto.switch_t, auto.big_block_t) == (switch, 2)
     if d == 128:  # dense shapes: the big branch is exactly the plan from the switch on
         for at in (switch, 1024):
@@ -194,7 +202,7 @@ def test_dynamic_tiles_modes_take_their_plans(shape):
             assert (big.block_t, big.head_tiles, big.num_warps) == \
                 (2, auto.tiles.head_tiles, auto.tiles.num_warps)
         # below launch()'s own change of tiles (T=64 for GLM-4.5, whose switch comes later:
-        # MANY_HEADS_SWITCH_T) the decode tiles are launch()'s
+        # MID_SWITCH_T) the decode tiles are launch()'s
         from kernels.triton_kernel import large_tiles_from
         below = tile_plan(large_tiles_from(d, hq, hkv) - 1, hq, hkv, d, r, True, True, True,
                           False)

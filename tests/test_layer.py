@@ -97,6 +97,30 @@ def test_layer_revalidates_after_in_place_cache_change(monkeypatch):
     assert torch.equal(kw["value_cache"], want_kw["value_cache"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_revalidates_after_a_weight_changed_in_place(device, monkeypatch):
+    """``module.to(dtype)`` swaps a bound weight's data in place: the layer's kept launch was
+    compiled for the old dtype (and on the GPU re-reads only pointers), so the next call must
+    be validated again and compute what the entry point computes with the new weight."""
+    kw = _bound(device, nb=8)
+    kw["q_weight"] = kw["q_weight"].float()  # fp32 norm weights with bf16 activations
+    layer = FusedQKVLayer(**kw)
+    for seed in (0, 1):  # the second call takes the kept launch
+        layer(*_inputs(device, 3, nb=8, seed=seed))
+    full_calls = []
+    real = layer_mod.prepare
+    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    w = kw["q_weight"]
+    w.data = (w.data * 1.5).to(torch.bfloat16)  # same tensor object, new dtype and data
+    qkv, pos, slots = _inputs(device, 3, nb=8, seed=5)
+    want_kw = {k: (v.clone() if k in ("key_cache", "value_cache") else v) for k, v in kw.items()}
+    got = layer(qkv, pos, slots)
+    want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
+    assert full_calls == [1], "the changed weight must be validated again"
+    assert torch.equal(got.q, want.q)
+    assert torch.equal(kw["key_cache"], want_kw["key_cache"])
+
+
 def test_layer_follows_a_uint8_cache_swapped_in_place():
     """A uint8 (fp8 bytes) cache is launched through an fp8 view of it: when the user swaps the
     cache's storage for another of the same geometry, the writes must land in the new one."""
