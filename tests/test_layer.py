@@ -81,17 +81,28 @@ def test_layer_revalidates_after_in_place_cache_change(monkeypatch):
     kw = _bound("cpu", nb=8)
     layer = FusedQKVLayer(**kw)
     layer(*_inputs("cpu", 3, nb=8))
-    full_calls = []
-    real = layer_mod.prepare
-    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    full_calls = _count_validations(monkeypatch)
     for name in ("key_cache", "value_cache"):
         c = kw[name]
         c.set_(c[:4].clone())  # 4 blocks of 4 slots, same tensor object
-    qkv, pos, slots = _inputs("cpu", 3, nb=4, seed=5)
+    _step_equals_entry_point(layer, kw, *_inputs("cpu", 3, nb=4, seed=5))
+    assert full_calls == [1], "the changed cache must be validated again"
+
+
+def _count_validations(monkeypatch) -> list:
+    """A list that gets an item per call of the layer that goes through validation."""
+    full_calls = []
+    real = layer_mod.prepare
+    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    return full_calls
+
+
+def _step_equals_entry_point(layer, kw, qkv, pos, slots) -> None:
+    """One layer call writes and returns what the entry point does with the same arguments
+    (on copies of the caches)."""
     want_kw = {k: (v.clone() if k in ("key_cache", "value_cache") else v) for k, v in kw.items()}
     got = layer(qkv, pos, slots)
     want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
-    assert full_calls == [1], "the changed cache must be validated again"
     assert torch.equal(got.q, want.q)
     assert torch.equal(kw["key_cache"], want_kw["key_cache"])
     assert torch.equal(kw["value_cache"], want_kw["value_cache"])
@@ -107,18 +118,11 @@ def test_layer_revalidates_after_a_weight_changed_in_place(device, monkeypatch):
     layer = FusedQKVLayer(**kw)
     for seed in (0, 1):  # the second call takes the kept launch
         layer(*_inputs(device, 3, nb=8, seed=seed))
-    full_calls = []
-    real = layer_mod.prepare
-    monkeypatch.setattr(layer_mod, "prepare", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    full_calls = _count_validations(monkeypatch)
     w = kw["q_weight"]
     w.data = (w.data * 1.5).to(torch.bfloat16)  # same tensor object, new dtype and data
-    qkv, pos, slots = _inputs(device, 3, nb=8, seed=5)
-    want_kw = {k: (v.clone() if k in ("key_cache", "value_cache") else v) for k, v in kw.items()}
-    got = layer(qkv, pos, slots)
-    want = kernels.split_norm_rope_cache(qkv, positions=pos, slot_mapping=slots, **want_kw)
+    _step_equals_entry_point(layer, kw, *_inputs(device, 3, nb=8, seed=5))
     assert full_calls == [1], "the changed weight must be validated again"
-    assert torch.equal(got.q, want.q)
-    assert torch.equal(kw["key_cache"], want_kw["key_cache"])
 
 
 def test_layer_follows_a_uint8_cache_swapped_in_place():
