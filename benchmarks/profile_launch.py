@@ -13,8 +13,10 @@ by a no-op (our Python only); (ii) ``custom_op.split_norm_rope_cache_impl`` (no 
 (iii) ``fused_qkv_kernel[grid](...)`` with launch()'s arguments, outputs pre-allocated;
 (iv) ``fast_launch.CachedLauncher`` with the same arguments; (v) ``torch.empty`` of the
 outputs; (vi) an empty ``@triton.jit`` kernel with one pointer (Triton's floor), and through
-CachedLauncher; then single pieces, a cProfile of (i), and an exactness check of the cached
-launcher against the normal launch.
+CachedLauncher; then the entry point's remembered calls in Python (launcher memo off / on)
+and through the C++ module (``kernels/native_entry.py``), single pieces, a cProfile of (i),
+and exactness checks: the cached launcher against the normal launch, the module against
+Python.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def main() -> int:
     import triton
 
     import kernels
-    from kernels import custom_op, triton_kernel
+    from kernels import custom_op, native_entry, triton_kernel
     from kernels.fast_launch import CachedLauncher
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -117,6 +119,10 @@ def main() -> int:
         if os.path.exists("/proc/cpuinfo") else platform.processor()
     print(f"# {torch.cuda.get_device_name()} | CPU {cpu} | Python {platform.python_version()} | "
           f"torch {torch.__version__} | triton {triton.__version__}")
+    t0 = time.perf_counter()
+    native = native_entry.start(wait=True)
+    print(f"# native entry (C++): {'loaded' if native else 'none: ' + native_entry.why_not} "
+          f"in {time.perf_counter() - t0:.1f} s (built once per torch/Python, then cached)")
     kern = triton_kernel.fused_qkv_kernel
     inp = make_inputs()
     entry = kernels.split_norm_rope_cache
@@ -182,26 +188,34 @@ def main() -> int:
         results[name] = per_call_us(fn)
         print(f"{results[name]:9.2f} us  {name}", flush=True)
 
-    # The launcher's memo for kept plans, off and on in alternating rounds (this host
-    # drifts from one call to the next): the entry point's remembered calls and the layer.
+    # The entry point's remembered calls three ways, in alternating rounds (this host drifts
+    # from one call to the next): Python without and with the launcher's memo, and the C++
+    # module (native_entry); FusedQKVLayer without and with the memo.
     step_names = ("qkv", "positions", "slot_mapping")
     layer = kernels.FusedQKVLayer(**{k: v for k, v in inp.items() if k not in step_names})
     step = tuple(inp[k] for k in step_names)
+    native = native_entry.module
+    ways = [("python, memo off", False, None), ("python, memo on", True, None),
+            ("native (C++)", True, native)]
     ab: dict = {}
     for _ in range(5):
-        for flag in (False, True):
-            triton_kernel._LAUNCH_MEMO = flag
-            ab.setdefault(("entry point", flag), []).append(per_call_us(lambda: entry(**inp),
+        for way, memo, mod in ways:
+            triton_kernel._LAUNCH_MEMO, native_entry.module = memo, mod
+            entry(**inp)  # (re)remembered under this setting
+            ab.setdefault(("entry point", way), []).append(per_call_us(lambda: entry(**inp),
                                                                        reps=1))
-            ab.setdefault(("FusedQKVLayer", flag), []).append(per_call_us(lambda: layer(*step),
-                                                                         reps=1))
-    triton_kernel._LAUNCH_MEMO = True
-    for what in ("entry point", "FusedQKVLayer"):
-        off, on = (statistics.median(ab[what, f]) for f in (False, True))
-        print(f"# memo A/B, {what}: off {off:.2f} us, on {on:.2f} us (medians of 5 "
-              f"alternating rounds of {N} calls; rounds off "
-              f"{' '.join(f'{x:.1f}' for x in ab[what, False])}, on "
-              f"{' '.join(f'{x:.1f}' for x in ab[what, True])})", flush=True)
+            if mod is None:
+                ab.setdefault(("FusedQKVLayer", way), []).append(
+                    per_call_us(lambda: layer(*step), reps=1))
+    triton_kernel._LAUNCH_MEMO, native_entry.module = True, native
+    for (what, way), xs in ab.items():
+        print(f"# A/B, {what}, {way}: {statistics.median(xs):.2f} us (median of 5 alternating "
+              f"rounds of {N} calls: {' '.join(f'{x:.1f}' for x in xs)})", flush=True)
+    if native is not None:
+        state = native_entry.state()
+        qkv_kw = {k: v for k, v in inp.items() if k != "qkv"}
+        print(f"{per_call_us(lambda: native.call(qkv, qkv_kw, state)):9.2f} us  "
+              f"native.call(...) alone (no Python wrapper); {native.stats()}")
 
     # (i-b): our Python only (the kernel launch is a no-op stand-in)
     class _NoKernel:
@@ -280,6 +294,22 @@ def main() -> int:
         ok &= same
         print(f"# entry point: outputs and caches with _FAST_LAUNCH on == off: {same} "
               f"(on: through the fast path: {hit})")
+        outs = []
+        for mod in (None, native):
+            native_entry.module = mod
+            for _ in range(3):  # remembered, handed to the module, then through it
+                run_inp = dict(inp, key_cache=inp["key_cache"].clone(),
+                               value_cache=inp["value_cache"].clone(), return_k=True,
+                               return_v=True)
+                hits0 = native.stats()["hits"] if native else 0
+                out = entry(**run_inp)
+            outs.append((*out, run_inp["key_cache"], run_inp["value_cache"]))
+        hit = native is not None and native.stats()["hits"] == hits0 + 1
+        torch.cuda.synchronize()
+        same = all(_bits_equal(a, b) for a, b in zip(*outs))
+        ok &= same
+        print(f"# entry point: outputs and caches with the native entry on == off: {same} "
+              f"(on: through the module: {hit})")
     print("# exactness:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

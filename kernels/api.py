@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import validate
+from . import native_entry, validate
 from .custom_op import (
     _use_triton,
     split_norm_rope_cache_direct,
@@ -131,9 +131,9 @@ class _KnownCall:
     views that ``prepare`` makes and refills the kept launch's tensors, which it does not
     hold (a kept launch must not keep caches alive)."""
 
-    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu")
+    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu", "sources", "native_tried")
 
-    def __init__(self, call: OpCall) -> None:
+    def __init__(self, call: OpCall, packed: bool, table: bool) -> None:
         from .triton_kernel import BoundLaunch  # triton is imported lazily
 
         self.on_cpu = call.head[0].device.type == "cpu"  # Triton only while TRITON_INTERPRET=1
@@ -141,8 +141,23 @@ class _KnownCall:
         self.plan = self.bound.plan(*call.head[:3])  # the signature fixes T and the strides
         self.bound.unbind()
         self.rotary_dim = call.head[18]
+        # the entry-point argument each of the launch's tensors is a view of (see views())
+        self.sources = {"q_src": "qkv" if packed else "q", "k_src": "qkv" if packed else "k",
+                        "v_src": "qkv" if packed else "v",
+                        "cos": "cos_sin_cache" if table else "cos",
+                        "sin": "cos_sin_cache" if table else "sin"}
+        self.native_tried = False  # whether native_entry.remember has seen this call
 
     def __call__(self, qkv: Optional[Tensor], kw: dict) -> FusedQKV:
+        views = self.views(qkv, kw)
+        fixed = views[5]
+        out = self.bound(*views[:5], plan=self.plan, fixed=fixed)
+        torch.autograd.graph.increment_version((fixed[4], fixed[5]))  # as the dispatcher would
+        return FusedQKV(*out)
+
+    def views(self, qkv: Optional[Tensor], kw: dict) -> tuple:
+        """The launch's tensors for a call of this signature: (q_src, k_src, v_src, positions,
+        slots, fixed), each a view of the argument ``sources`` names (or of its own name)."""
         if qkv is not None:
             q_src = k_src = v_src = _rows(qkv)
         else:
@@ -158,17 +173,15 @@ class _KnownCall:
         slots, t = kw["slot_mapping"], q_src.shape[0]
         if slots.shape[0] != t:
             slots = slots[:t]
-        kc, vc = kw["key_cache"], kw["value_cache"]
-        out = self.bound(q_src, k_src, v_src, positions, slots, plan=self.plan, fixed=(
-            kw.get("q_weight"), kw.get("k_weight"), cos, sin, kc, vc, kw.get("k_scale"),
-            kw.get("v_scale")))
-        torch.autograd.graph.increment_version((kc, vc))  # as the dispatcher would
-        return FusedQKV(*out)
+        return q_src, k_src, v_src, positions, slots, (
+            kw.get("q_weight"), kw.get("k_weight"), cos, sin, kw["key_cache"],
+            kw["value_cache"], kw.get("k_scale"), kw.get("v_scale"))
 
 
 def forget_calls() -> None:
     """Forget the remembered calls (tests that patch what a launch is built from)."""
     _KNOWN.clear()
+    native_entry.forget()
 
 
 _CPU = torch.device("cpu")
@@ -206,6 +219,13 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
     """
     key = None
     if not _tracing():
+        native = native_entry.module
+        if native is not None:  # remembered calls, in C++ (CUDA only)
+            state = native_entry.state()
+            if state is not None:
+                out = native.call(qkv, kwargs, state)
+                if out is not None:
+                    return out
         try:
             key = _signature(qkv, kwargs)
             known = _KNOWN.get(key) if key is not None else None
@@ -216,17 +236,24 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
                 not (known.on_cpu and not _use_triton(_CPU)):
             _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
             _KNOWN[key] = known    # another thread evicted it meanwhile)
-            return known(qkv, kwargs)
+            return _known_call(known, qkv, kwargs)
     call = prepare(qkv, **kwargs)
     if key is None or not call.direct or call.cache is None or \
             not _use_triton(call.head[0].device):
         return run(call)
-    known = _remember(key, call)
-    return known(qkv, kwargs)  # the path later calls take, from the first one on
+    known = _remember(key, call, qkv is not None, kwargs.get("cos_sin_cache") is not None)
+    return _known_call(known, qkv, kwargs)  # the path later calls take, from the first one on
 
 
-def _remember(key: tuple, call: OpCall) -> _KnownCall:
-    known = _KnownCall(call)
+def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict) -> FusedQKV:
+    out = known(qkv, kwargs)
+    if not known.native_tried and not known.on_cpu:  # let the C++ path take it from now on
+        native_entry.remember(known, qkv, kwargs, out)
+    return out
+
+
+def _remember(key: tuple, call: OpCall, packed: bool, table: bool) -> _KnownCall:
+    known = _KnownCall(call, packed, table)
     _KNOWN.pop(key, None)
     if len(_KNOWN) >= _KNOWN_MAX:
         del _KNOWN[next(iter(_KNOWN))]

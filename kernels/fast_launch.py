@@ -172,7 +172,7 @@ class CachedLauncher:
         self.hits += 1
         if memo is not None:  # empty, or its launch did not fit this call
             self._fill(memo, dev, options, entry, args, vals)
-        run, function, packed = entry
+        run, function, packed, _ = entry
         # launch_metadata and both hooks None: what the launcher does with idle hooks anyway
         run(gx, gy, gz, self._stream(dev), function, packed, None, None, None, *vals)
 
@@ -221,7 +221,8 @@ class CachedLauncher:
                 return
             key, vals = self._spec(*args, *consts)
             dev, options = self._device(), self._options(_knobs)
-            entry = (kernel.run, kernel.function, kernel.packed_metadata)
+            # the kernel last: kept for callers that launch it themselves (native_entry)
+            entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
             self._cache[dev, options, num_warps, launch_pdl, maxnreg, key] = entry
             if memo is not None:
                 self._fill(memo, dev, options, entry, args, vals)
@@ -258,7 +259,7 @@ class CachedLauncher:
                 return None
             n = len(grid)
             gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
-            run, function, packed = m.entry
+            run, function, packed, _ = m.entry
             stream = self._stream(m.dev)
         except Exception:  # an argument of another kind than the memo's: the other paths
             return None

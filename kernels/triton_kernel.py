@@ -658,6 +658,9 @@ def _cached_launcher() -> CachedLauncher:
     return _launcher
 
 
+_REAL_CACHED_LAUNCHER = _cached_launcher  # native_entry.state: not swapped for a spy
+
+
 def _span(x: torch.Tensor) -> int:
     """One past the largest element offset of ``x`` from its data pointer."""
     if x.is_contiguous():  # the common case, without a Python loop over the dims
@@ -859,6 +862,17 @@ class BoundLaunch:
         if not plan:
             return tuple(outs)
         grid, consts, num_warps, regs = plan[:4]
+        a = self.args_for(q_src, k_src, v_src, positions, slot_mapping, outs, fixed)
+        if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
+            _cached_launcher()(grid, a, consts, num_warps, self.pdl, regs, memo)
+        else:
+            fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)), num_warps=num_warps,
+                                   **({"launch_pdl": True} if self.pdl else {}),
+                                   **({"maxnreg": regs} if regs is not None else {}))
+        return tuple(outs)
+
+    def args_for(self, q_src, k_src, v_src, positions, slot_mapping, outs, fixed=None) -> list:
+        """The kernel's runtime arguments for one step (``outs``: q, k, v, gate)."""
         a = self.args.copy()
         if fixed is not None:
             if self._fp8_view is not None:  # uint8 caches holding fp8 bytes
@@ -874,14 +888,27 @@ class BoundLaunch:
         if self.has_cache:
             a[25] = slot_mapping
         a[36] = q_src.shape[0]
-        if _FAST_LAUNCH:  # the compiled kernel's own launcher, without JITFunction.run per call
-            _cached_launcher()(grid, a, consts, num_warps, self.pdl, regs, memo)
-        else:
-            fused_qkv_kernel[grid](*a, **dict(zip(_CONST_NAMES, consts)), num_warps=num_warps,
-                                   **({"launch_pdl": True} if self.pdl else {}),
-                                   **({"maxnreg": regs} if regs is not None else {}))
-        return tuple(outs)
+        return a
 
+    def roles(self) -> dict:
+        """Which tensor each tensor argument of ``args_for`` is, by argument index: a step
+        tensor ("q_src", "k_src", "v_src", "positions", "slot_mapping"), an output ("out0" to
+        "out3": q, k, v, gate) or a fixed tensor (``FIXED_ROLES``; "cos" also stands in for the
+        pointers the kernel never reads)."""
+        roles = {0: "q_src", 1: "k_src", 2: "v_src", 19: "out0", 20: "out1", 21: "out2",
+                 22: "out3"}
+        if self.has_pos:
+            roles[17] = "positions"
+        if self.has_cache:
+            roles[25] = "slot_mapping"
+        for slot, j in self._slots:
+            roles[slot] = FIXED_ROLES[j]
+        return roles
+
+
+# BoundLaunch's ``fixed`` tensors, in order
+FIXED_ROLES = ("q_weight", "k_weight", "cos", "sin", "key_cache", "value_cache", "k_scale",
+               "v_scale")
 
 # The kernel's constexpr names in order (BoundLaunch.consts, TilePlan's, IDX64, INTERP, PDL)
 _CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()

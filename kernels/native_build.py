@@ -1,0 +1,105 @@
+"""Builds and loads ``native_entry.cpp`` (the entry point's remembered calls in C++).
+
+Built at first use with the system's C++ compiler against the installed torch's headers, into
+a cache directory keyed by the source, torch and Python; later processes load the built
+module.  No ninja or CUDA toolkit is needed: the source declares the few driver calls it makes.
+When anything fails the reason is kept in ``why_not()`` and the entry point stays in Python.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+_SRC = Path(__file__).with_name("native_entry.cpp")
+_NAME = "fused_qkv_native"
+_module: Optional[ModuleType] = None
+_why = ""  # why there is no module ("" before the first try and once it loaded)
+_tried = False
+
+
+def cache_dir() -> Path:
+    """Where built modules go: ``$FUSED_QKV_CACHE_DIR`` or ``~/.cache/fused_qkv``."""
+    root = os.environ.get("FUSED_QKV_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "fused_qkv"
+
+
+def _flags() -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return (["-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] +
+            inc + libs + ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", "-ldl"])
+
+
+def _target() -> Path:
+    src = _SRC.read_bytes()
+    tag = hashlib.sha256(src + torch.__version__.encode() + sys.version.encode() +
+                         " ".join(_flags()).encode()).hexdigest()[:16]
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return cache_dir() / f"{_NAME}-{tag}{suffix}"
+
+
+def build(target: Path) -> None:
+    """Compile into ``target`` (atomically: another process may be building the same)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ / g++ / $CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, str(_SRC), "-o", tmp] + _flags()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load() -> Optional[ModuleType]:
+    """The built module, building it on the first call of the process; None when it cannot
+    be built or loaded (``why_not()`` says why) or ``FUSED_QKV_NATIVE=0``."""
+    global _module, _why, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("FUSED_QKV_NATIVE", "1") == "0":
+        _why = "FUSED_QKV_NATIVE=0"
+        return None
+    try:
+        target = _target()
+        if not target.exists():
+            build(target)
+        _module = _import(target)
+    except Exception as e:  # no compiler, no headers, a read-only home...: stay in Python
+        _why = f"{type(e).__name__}: {e}"
+        _module = None
+    return _module
+
+
+def why_not() -> str:
+    """Why ``load()`` gave None ("" when it did not, or was not called yet)."""
+    return _why

@@ -1,0 +1,246 @@
+"""The entry point's remembered calls handed to C++ (``native_entry.cpp``), on CUDA.
+
+The Python path validates a call, launches it and remembers its signature (``api._KnownCall``).
+``remember`` then describes that launch to the C++ module: the kernel, its grid, every kernel
+parameter's bits, and for each pointer the entry-point argument it is a view of and the byte
+offset.  A later call with the same signature (and the same launch ``state``) is answered by
+``module.call`` alone: it reads the tensors' pointers, allocates the outputs and calls
+cuLaunchKernel, with none of the Python path's per-call work.
+
+The module is built in a background thread at the first remembered CUDA call (``start``);
+until it is loaded, calls stay on the Python path.  ``FUSED_QKV_NATIVE=0`` keeps them there.
+"""
+from __future__ import annotations
+
+import inspect
+import struct
+import threading
+from types import ModuleType
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import native_build
+
+module: Optional[ModuleType] = None  # the loaded C++ module; api.py reads it on every call
+why_not = ""  # why the last remember() did not hand its call over ("" when it did)
+_started = False
+_failed = False
+_lock = threading.Lock()
+_MISSING = object()
+_MASK = (1 << 64) - 1
+
+
+def _init(mod: ModuleType) -> ModuleType:
+    from .api import FusedQKV
+
+    get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (lambda i: 0)
+    mod.init(names(), torch.Tensor, torch.nn.Parameter, FusedQKV, get_stream)
+    return mod
+
+
+def names() -> tuple:
+    """The keyword names the module knows, in the order of its input indices (1 + i)."""
+    from .api import prepare
+
+    return tuple(n for n, p in inspect.signature(prepare).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def start(wait: bool = False) -> Optional[ModuleType]:
+    """Build and load the module once per process, in a background thread; ``wait``: in this
+    one (or wait for that thread), and return it."""
+    global _started
+    with _lock:
+        first = not _started
+        _started = True
+    if wait:
+        _load()  # the build is done once; this waits for it and (re)sets ``module``
+    elif first:
+        threading.Thread(target=_load, name="fused_qkv_native_build", daemon=True).start()
+    return module
+
+
+def _load() -> None:
+    global module, why_not, _failed
+    with _lock:
+        mod = native_build.load()
+        if mod is None:
+            why_not, _failed = native_build.why_not(), True
+        elif module is not mod:
+            module = _init(mod)
+
+
+def forget() -> None:
+    """Forget every remembered call."""
+    if module is not None:
+        module.clear()
+
+
+def state() -> Optional[tuple]:
+    """What a handed-over launch depends on besides the call's own arguments: the launch
+    settings (tiles, offsets, registers), the launcher and its compile options.  None: the
+    kernel must go through Python now (a launch or pre-run hook, a changed kernel global, the
+    Triton interpreter, the cached launcher switched off)."""
+    from . import triton_kernel as tk
+
+    launcher = tk._launcher
+    if launcher is None or launcher.fn is not tk.fused_qkv_kernel or launcher.why_slow or \
+            not (tk._FAST_LAUNCH and tk._LAUNCH_MEMO) or launcher.fn.pre_run_hooks or \
+            tk._cached_launcher is not tk._REAL_CACHED_LAUNCHER:
+        return None
+    try:
+        if any(launcher._hooks(_knobs())):
+            return None
+        ug = launcher.fn.used_global_vals
+        if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
+            return None
+        return tk.launch_settings(), launcher._options(_knobs()), launcher
+    except Exception:  # a hook that is a plain function (no .calls), another Triton
+        return None
+
+
+def _knobs() -> Any:
+    from triton import knobs
+
+    return knobs
+
+
+def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
+    """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module; it
+    starts the module's build the first time.  ``why_not`` says why a call was not handed
+    over."""
+    global why_not
+    if module is None:
+        if _failed:  # no module in this process: stop asking
+            known.native_tried = True
+        else:
+            start()  # a later call of this signature tries again once it is built
+        return
+    known.native_tried = True
+    st = state()
+    why_not = "the launch state does not allow it" if st is None else \
+        register(module, known, qkv, kwargs, out, st)
+
+
+def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tensor],
+             st: Any, kernel: Any = None, vals: Optional[Sequence] = None,
+             types: Optional[Sequence[str]] = None) -> str:
+    """Describe ``known``'s launch of this call to ``mod`` under state ``st``: "" when it is
+    registered, else why not.  ``kernel``, ``vals`` (the launcher's arguments, kernel order)
+    and ``types`` (Triton's signature types) default to those of the kept launch; tests pass
+    their own, with ``kernel=None`` for a dry entry that records instead of launching."""
+    plan = known.plan
+    if not plan:
+        return "nothing to launch"
+    views = known.views(qkv, kwargs)
+    args = known.bound.args_for(*views[:5], tuple(out), views[5])
+    from .triton_kernel import _cached_launcher
+
+    is_const = _cached_launcher()._is_const
+    if vals is None:
+        memo = plan[4]
+        if not memo:
+            return "no kept launch"
+        m = memo[0]
+        kernel = m.entry[3]
+        vals = m.fill(*args)
+        if vals is None:
+            return "the kept launch does not fit this call"
+        types = list(kernel.src.signature.values())
+    function, block, shared, dev = 0, 32 * plan[2], 0, -1
+    if kernel is not None:
+        meta = kernel.metadata
+        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0) \
+                or getattr(meta, "launch_pdl", False) or \
+                getattr(meta, "launch_cooperative_grid", False):
+            return "the kernel needs scratch memory, PDL or a cooperative launch"
+        num_warps, num_ctas, shared = kernel.packed_metadata
+        if num_ctas != 1:
+            return "a kernel of clusters"
+        function, block, dev = kernel.function, 32 * num_warps, known.bound.dev.index
+    try:
+        spec = describe(known, qkv, kwargs, args, out, vals, types, is_const)
+    except ValueError as e:
+        return str(e)
+    grid = tuple(plan[0]) + (1,) * (3 - len(plan[0]))
+    params, fixes, out_params, out_heads, bumps, like, empty = spec
+    reg = (qkv, kwargs, st, 0, grid, block, shared, dev, params, fixes, out_params, out_heads,
+           views[0].shape[0], known.bound.shape[2], like, bumps, empty, kernel)
+    # check the description on this very call, dry, before it may launch
+    if not mod.register(*reg):
+        return "the module does not cover these arguments"
+    dry = mod.call(qkv, kwargs, st)
+    if dry is None:
+        return "the dry entry did not take the call it was built from"
+    got, want = mod.dry_params(), list(params)
+    for j, p in enumerate(out_params):
+        if p >= 0:
+            want[p] = dry[j].data_ptr()
+    if got != want or tuple(x.shape for x in dry) != tuple(x.shape for x in out):
+        mod.clear()
+        return "the dry entry's parameters differ from the launch's"
+    if kernel is not None and not mod.register(*reg[:3], function, *reg[4:]):
+        return "the module does not cover these arguments"
+    return ""
+
+
+def describe(known, qkv, kwargs: dict, args: list, out: Sequence[torch.Tensor], vals: Sequence,
+             types: Sequence[str], is_const: Sequence[bool]) -> tuple:
+    """The module's description of a launch: (params, fixes, out_params, out_heads, bumps,
+    like, empty); raises ValueError for what it cannot describe."""
+    if len(vals) != len(types) or len(types) != len(is_const):
+        raise ValueError("the launch's arguments do not match the kernel's signature")
+    pos = [k for k, c in enumerate(is_const) if not c]  # runtime argument i: kernel index
+    param_of, params = {}, []
+    for k, ty in enumerate(types):
+        if ty != "constexpr":
+            param_of[k] = len(params)
+            params.append(_bits(ty, vals[k]))
+    index = {n: 1 + i for i, n in enumerate(names())}
+    index["qkv"] = 0
+    roles = known.bound.roles()
+    fixes, out_params, out_heads, empty = [], [-1] * 4, [-1] * 4, None
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        role, k = roles.get(i), pos[i]
+        if role is None or k not in param_of:
+            raise ValueError(f"kernel argument {i} is a tensor of no known role")
+        if role.startswith("out"):
+            j = int(role[3])
+            if a is not out[j]:
+                raise ValueError(f"kernel argument {i} is not output {j}")
+            if known.bound.wants[j][0]:
+                out_params[j], out_heads[j] = param_of[k], a.shape[1]
+            else:
+                empty = a  # the shared 0-element output: a fixed pointer
+            continue
+        name = known.sources.get(role, role)
+        src = qkv if name == "qkv" else kwargs.get(name)
+        if not isinstance(src, torch.Tensor) or \
+                a.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+            raise ValueError(f"{role} is not a view of {name}")
+        fixes += [param_of[k], index[name], vals[k] - src.data_ptr(), int(vals[k] % 16 == 0)]
+    made = [o for j, o in enumerate(out) if out_heads[j] >= 0]
+    like = made[0] if made else out[0]
+    # (None: every output is made per call)
+    bumps = [index["key_cache"], index["value_cache"]]
+    return params, fixes, out_params, out_heads, bumps, like, empty
+
+
+def _bits(ty: str, v: Any) -> int:
+    """A kernel parameter's value as the 64 bits the launch passes (its low bytes are read)."""
+    if ty.startswith("*"):
+        return (v or 0) & _MASK
+    if ty[0] in "iu":
+        return int(v) & _MASK
+    if ty == "fp32":
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+    if ty == "fp64":
+        return struct.unpack("<Q", struct.pack("<d", v))[0]
+    if ty == "fp16":
+        return struct.unpack("<H", struct.pack("<e", v))[0]
+    if ty == "bf16":
+        return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+    raise ValueError(f"a kernel parameter of type {ty}")
