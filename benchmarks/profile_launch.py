@@ -204,6 +204,8 @@ def main() -> int:
             entry(**inp)  # (re)remembered under this setting
             ab.setdefault(("entry point", way), []).append(per_call_us(lambda: entry(**inp),
                                                                        reps=1))
+            if mod is not None and native_entry.why_not:
+                print(f"# the module did not take the call: {native_entry.why_not}")
             if mod is None:
                 ab.setdefault(("FusedQKVLayer", way), []).append(
                     per_call_us(lambda: layer(*step), reps=1))
@@ -309,7 +311,7 @@ def main() -> int:
         same = all(_bits_equal(a, b) for a, b in zip(*outs))
         ok &= same
         print(f"# entry point: outputs and caches with the native entry on == off: {same} "
-              f"(on: through the module: {hit})")
+              f"(on: through the module: {hit}{'' if hit else '; ' + native_entry.why_not})")
     print("# exactness:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -81,29 +81,35 @@ def state() -> Optional[tuple]:
     """What a handed-over launch depends on besides the call's own arguments: the launch
     settings (tiles, offsets, registers), the launcher and its compile options.  None: the
     kernel must go through Python now (a launch or pre-run hook, a changed kernel global, the
-    Triton interpreter, the cached launcher switched off)."""
-    from . import triton_kernel as tk
-
+    Triton interpreter, the cached launcher switched off or swapped)."""
+    tk, knobs = _modules or _import_modules()  # (an import statement per call costs ~0.5 us)
     launcher = tk._launcher
     if launcher is None or launcher.fn is not tk.fused_qkv_kernel or launcher.why_slow or \
             not (tk._FAST_LAUNCH and tk._LAUNCH_MEMO) or launcher.fn.pre_run_hooks or \
             tk._cached_launcher is not tk._REAL_CACHED_LAUNCHER:
         return None
     try:
-        if any(launcher._hooks(_knobs())):
+        if any(launcher._hooks(knobs)):
             return None
         ug = launcher.fn.used_global_vals
         if ug and any(g.get(n, _MISSING) != v for (n, _), (v, g) in ug.items()):
             return None
-        return tk.launch_settings(), launcher._options(_knobs()), launcher
+        return tk.launch_settings(), launcher._options(knobs), launcher
     except Exception:  # a hook that is a plain function (no .calls), another Triton
         return None
 
 
-def _knobs() -> Any:
+_modules: tuple = ()
+
+
+def _import_modules() -> tuple:
+    global _modules
     from triton import knobs
 
-    return knobs
+    from . import triton_kernel
+
+    _modules = (triton_kernel, knobs)
+    return _modules
 
 
 def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
@@ -117,10 +123,12 @@ def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
         else:
             start()  # a later call of this signature tries again once it is built
         return
-    known.native_tried = True
     st = state()
-    why_not = "the launch state does not allow it" if st is None else \
-        register(module, known, qkv, kwargs, out, st)
+    if st is None:  # a hook or a swapped kernel for now: a later call tries again
+        why_not = "the launch state does not allow it"
+        return
+    known.native_tried = True
+    why_not = register(module, known, qkv, kwargs, out, st)
 
 
 def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tensor],

@@ -262,3 +262,18 @@ def test_a_launch_hook_sends_calls_back_to_python(native):
         assert native.stats()["hits"] == hits and seen == [1]
     finally:
         knobs.runtime.launch_enter_hook.calls.clear()
+
+
+def test_a_call_remembered_under_a_hook_is_handed_over_later(native, monkeypatch):
+    """While the launch state forbids the module (a profiler hook, say), a remembered call
+    stays in Python and is offered again at its next call, not given up."""
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    out = split_norm_rope_cache(**kw)
+    (known,) = api._KNOWN.values()
+    qkv, rest = _split(kw)
+    monkeypatch.setattr(native_entry, "state", lambda: None)
+    native_entry.remember(known, qkv, rest, out)
+    assert not known.native_tried and "state" in native_entry.why_not
+    monkeypatch.setattr(native_entry, "state", lambda: ("dry",))
+    native_entry.remember(known, qkv, rest, out)  # on the CPU: no kept launch to describe
+    assert known.native_tried and native_entry.why_not == "no kept launch"
