@@ -104,9 +104,12 @@ _modules: tuple = ()
 
 def _import_modules() -> tuple:
     global _modules
-    from triton import knobs
-
     from . import triton_kernel
+
+    try:
+        from triton import knobs
+    except ImportError:  # an older Triton: the cached launcher's fast path is off anyway
+        knobs = None
 
     _modules = (triton_kernel, knobs)
     return _modules
