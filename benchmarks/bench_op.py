@@ -183,6 +183,9 @@ def make_inputs(name, t, hnd, dev="cuda"):
 
 def host_overhead() -> None:
     """Per-call host time at T=1 with no CUDA graph: the entry point and FusedQKVLayer."""
+    from kernels import native_entry
+    native = native_entry.start(wait=True)  # the C++ module for remembered calls (CUDA)
+    print(f"# native entry (C++): {'on' if native else 'off: ' + native_entry.why_not}")
     inp, kw, _ = make_inputs("qwen3-8b", 1, False)
     for _ in range(50):
         fused(*inp, **kw, opaque=False)

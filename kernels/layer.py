@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import FusedQKV, OpCall, _tracing, prepare, run
+from . import native_entry
+from .api import FusedQKV, OpCall, _tracing, prepare, run, split_norm_rope_cache
 from .custom_op import _use_triton
 
 
@@ -25,7 +26,9 @@ class FusedQKVLayer:
     entry point returns.  The first call, any call whose tensors differ in dtype, device,
     width or layout from the first one, and any call under tracing go through the full,
     validated entry point (so a bad argument still raises a ``ValueError`` naming it); the
-    others only check shapes and launch.
+    others only check shapes and launch.  On CUDA, once the C++ module is built
+    (``native_entry``), each step geometry goes through the entry point once, and later calls
+    of it are the module's.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -46,8 +49,25 @@ class FusedQKVLayer:
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
         self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
+        self._offered: set = set()  # step geometries sent through the entry point for C++
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
+        native = native_entry.module
+        if native is not None and not _tracing():  # CUDA: a call the C++ module remembers
+            state = native_entry.state()
+            if state is not None:
+                kw = self._kw.copy()
+                kw["positions"], kw["slot_mapping"] = positions, slot_mapping
+                out = native.call(qkv, kw, state)
+                if out is not None:
+                    return out
+                step = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, positions.shape,
+                        positions.dtype, slot_mapping.shape, slot_mapping.dtype)
+                if step not in self._offered:  # the entry point validates it and hands it
+                    if len(self._offered) >= 64:  # to the module (once per geometry: if it
+                        self._offered.clear()     # cannot, this layer's own path is faster)
+                    self._offered.add(step)
+                    return split_norm_rope_cache(qkv, **kw)
         sig = self._sig
         if sig is not None and qkv.dim() == 2 and positions.dim() == 1 and \
                 slot_mapping.dim() == 1 and (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1),

@@ -9,6 +9,14 @@ from kernels.layer import FusedQKVLayer
 from .conftest import DEVICES
 
 
+@pytest.fixture(autouse=True)
+def _python_path(monkeypatch):
+    """These tests cover the layer's own path; on CUDA the C++ module would take its calls
+    (tests/test_native_entry.py covers that)."""
+    from kernels import native_entry
+    monkeypatch.setattr(native_entry, "module", None)
+
+
 def _inputs(device, t, hq=4, hkv=2, d=64, nb=6, bs=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(device, torch.bfloat16)

@@ -277,3 +277,35 @@ def test_a_call_remembered_under_a_hook_is_handed_over_later(native, monkeypatch
     monkeypatch.setattr(native_entry, "state", lambda: ("dry",))
     native_entry.remember(known, qkv, rest, out)  # on the CPU: no kept launch to describe
     assert known.native_tried and native_entry.why_not == "no kept launch"
+
+
+@pytest.mark.gpu
+def test_layer_calls_go_through_the_module(native):
+    """FusedQKVLayer hands each step geometry to the module through the entry point once;
+    its later calls are the module's, and a weight changed in place (``module.to()``) sends
+    the call back to the validated path."""
+    from kernels import FusedQKVLayer
+    kw = _fixed("cuda", "vllm", 0)
+    kw["q_weight"] = kw["q_weight"].float()
+    layer = FusedQKVLayer(**kw)
+    for seed in (1, 3, 5):
+        step = _step("cuda", "vllm", seed)
+        hits = native.stats()["hits"]
+        ref = dict(kw, **step, key_cache=kw["key_cache"].clone(),
+                   value_cache=kw["value_cache"].clone())
+        got = layer(*step.values())
+        want = api.run(api.prepare(**ref))
+        assert native.stats()["hits"] == hits + (seed > 1), native_entry.why_not
+        assert torch.equal(got.q, want.q)
+        assert torch.equal(kw["key_cache"], ref["key_cache"])
+        assert torch.equal(kw["value_cache"], ref["value_cache"])
+    w = kw["q_weight"]
+    w.data = (w.data * 1.5).to(torch.bfloat16)  # same tensor object, new dtype and data
+    step = _step("cuda", "vllm", 7)
+    ref = dict(kw, **step, key_cache=kw["key_cache"].clone(),
+               value_cache=kw["value_cache"].clone())
+    hits = native.stats()["hits"]
+    got = layer(*step.values())
+    want = api.run(api.prepare(**ref))
+    assert native.stats()["hits"] == hits, "the old entry took a call with a bf16 weight"
+    assert torch.equal(got.q, want.q) and torch.equal(kw["key_cache"], ref["key_cache"])
