@@ -106,7 +106,7 @@ struct KeyHash {
 
 std::unordered_map<std::vector<int64_t>, Entry, KeyHash> entries;
 constexpr size_t kMaxEntries = 64;
-int64_t hits = 0;
+int64_t hits = 0, dry_hits = 0;  // calls answered: launched, dry
 std::vector<uint64_t> last_params;  // the last dry entry's parameters (tests)
 
 enum Tag : int64_t { kNone = 1, kTensor, kFalse, kTrue, kInt, kFloat, kStr };
@@ -269,14 +269,16 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   if (e.function == 0) {
     last_params.assign(params.begin(), params.begin() + n);
+    ++dry_hits;
   } else if (!launch(e, params.data(), n)) {
     return nullptr;
+  } else {
+    ++hits;
   }
   for (int i : e.bumps) {  // what the dispatcher does for an argument written in place
     c10::TensorImpl* impl = inputs[i]->unsafeGetTensorImpl();
     if (!impl->is_inference()) impl->bump_version();
   }
-  ++hits;
   PyObject* tuple = PyTuple_New(4);
   if (tuple == nullptr) return nullptr;
   for (int j = 0; j < 4; ++j) {
@@ -451,8 +453,9 @@ PyObject* clear(PyObject*, PyObject*) {
 }
 
 PyObject* stats(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:n,s:L}", "entries", static_cast<Py_ssize_t>(entries.size()), "hits",
-                       static_cast<long long>(hits));
+  return Py_BuildValue("{s:n,s:L,s:L}", "entries", static_cast<Py_ssize_t>(entries.size()),
+                       "hits", static_cast<long long>(hits), "dry",
+                       static_cast<long long>(dry_hits));
 }
 
 PyObject* dry_params(PyObject*, PyObject*) {
@@ -470,7 +473,7 @@ PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "init(names, tensor_type, parameter_type, result_type, "
                                  "get_stream)"},
     {"clear", clear, METH_NOARGS, "forget every entry"},
-    {"stats", stats, METH_NOARGS, "{'entries': n, 'hits': n}"},
+    {"stats", stats, METH_NOARGS, "{'entries': n, 'hits': launches, 'dry': dry calls}"},
     {"dry_params", dry_params, METH_NOARGS, "the last dry entry's kernel parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
