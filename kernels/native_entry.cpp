@@ -265,7 +265,8 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (int j = 0; j < 4; ++j) {
     if (e.out_heads[j] < 0) continue;
     made[j] = at::empty({e.t, e.out_heads[j], e.d}, e.options);
-    if (e.out_param[j] >= 0) params[e.out_param[j]] = reinterpret_cast<uint64_t>(made[j].data_ptr());
+    if (e.out_param[j] >= 0)
+      params[e.out_param[j]] = reinterpret_cast<uint64_t>(made[j].data_ptr());
   }
   if (e.function == 0) {
     last_params.assign(params.begin(), params.begin() + n);
