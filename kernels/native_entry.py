@@ -120,6 +120,9 @@ def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
     starts the module's build the first time.  ``why_not`` says why a call was not handed
     over."""
     global why_not
+    if torch.version.hip:  # the module launches through the CUDA driver only
+        known.native_tried, why_not = True, "ROCm: the module launches through CUDA only"
+        return
     if module is None:
         if _failed:  # no module in this process: stop asking
             known.native_tried = True
