@@ -5,7 +5,8 @@
 What ``bench_op.py``'s host lines measure on the device, less the launch itself (Triton's
 launcher and the GPU driver): the entry point (``kernels.split_norm_rope_cache``: validation,
 the argument tuple, output allocation, the int32/int64 choice), its two halves
-(``api.prepare`` and ``api.run``), and ``FusedQKVLayer`` (fixed arguments validated once).
+(``api.prepare`` and ``api.run``), ``FusedQKVLayer`` (fixed arguments validated once), and a
+remembered call answered by the C++ module (``kernels/native_entry.cpp``), dry.
 CPU tensors, Qwen3-8B shape as in ``profile_launch.py``.  Use it to compare host-side
 changes on any machine; absolute numbers depend on the CPU.
 """
@@ -60,6 +61,31 @@ def _stub_launcher():
     return fast_launch.CachedLauncher(jf)
 
 
+def native_row(inp: dict) -> None:
+    """A remembered call through the C++ module, dry (all but the driver's launch): what the
+    entry point costs on CUDA once the module took the call, less ``cuLaunchKernel``."""
+    from kernels import native_entry
+
+    mod = native_entry.start(wait=True)
+    if mod is None:
+        print(f"# no C++ module: {native_entry.why_not}")
+        return
+    out = kernels.split_norm_rope_cache(**inp)
+    (known,) = api._KNOWN.values()
+    kw = {k: v for k, v in inp.items() if k != "qkv"}
+    views = known.views(inp["qkv"], kw)
+    vals, types = native_entry.dry_signature(
+        known, known.bound.args_for(*views[:5], tuple(out), views[5]))
+    why = native_entry.register(mod, known, inp["qkv"], kw, out, ("dry",), vals=vals,
+                                types=types)
+    if why:
+        print(f"# the C++ module did not take the call: {why}")
+        return
+    us = per_call_us(lambda: mod.call(inp["qkv"], kw, ("dry",)), 5000, cuda=False)
+    print(f"{'C++ module call, dry (no launch)':32} {us:7.1f} us")
+    api.forget_calls()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--int64", action="store_true", help="int64 offsets (no int32 check)")
@@ -95,6 +121,7 @@ def main() -> None:
     print(f"# launcher hits {stub.hits}, misses {stub.misses} (memo {stub.memo_hits})")
     triton_kernel._cached_launcher, fast_launch._device_and_stream = _NoLaunch, saved
     api.forget_calls()  # --profile below: our Python with the no-op launcher, as before
+    native_row(inp)
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

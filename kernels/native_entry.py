@@ -149,9 +149,7 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
         return "nothing to launch"
     views = known.views(qkv, kwargs)
     args = known.bound.args_for(*views[:5], tuple(out), views[5])
-    from .triton_kernel import _cached_launcher
-
-    is_const = _cached_launcher()._is_const
+    from .triton_kernel import IS_CONSTEXPR as is_const
     if vals is None:
         memo = plan[4]
         if not memo:
@@ -241,6 +239,27 @@ def describe(known, qkv, kwargs: dict, args: list, out: Sequence[torch.Tensor], 
     # (None: every output is made per call)
     bumps = [index["key_cache"], index["value_cache"]]
     return params, fixes, out_params, out_heads, bumps, like, empty
+
+
+def dry_signature(known, args: Sequence) -> tuple[list, list]:
+    """(vals, types) as Triton's launcher would see ``known``'s launch of ``args`` (kernel
+    order, pointers as ints, an int equal to 1 specialised into a constexpr), made without a
+    compiled kernel: for dry entries (tests, benchmarks on machines without a GPU)."""
+    from .triton_kernel import IS_CONSTEXPR
+
+    consts, runtime, vals, types = iter(known.plan[1]), iter(args), [], []
+    for const in IS_CONSTEXPR:
+        a = next(consts) if const else next(runtime)
+        vals.append(a.data_ptr() if isinstance(a, torch.Tensor) else a)
+        if const or (type(a) is int and a == 1):
+            types.append("constexpr")
+        elif isinstance(a, torch.Tensor):
+            types.append("*" + str(a.dtype).replace("torch.", ""))
+        elif type(a) is float:
+            types.append("fp32")
+        else:
+            types.append("i32" if -2**31 <= a < 2**31 else "i64")
+    return vals, types
 
 
 def _bits(ty: str, v: Any) -> int:

@@ -913,3 +913,6 @@ FIXED_ROLES = ("q_weight", "k_weight", "cos", "sin", "key_cache", "value_cache",
 # The kernel's constexpr names in order (BoundLaunch.consts, TilePlan's, IDX64, INTERP, PDL)
 _CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()
                      if _is_constexpr(p))
+# per kernel parameter, in order: whether it is a constexpr
+IS_CONSTEXPR = tuple(_is_constexpr(p)
+                     for p in inspect.signature(fused_qkv_kernel.fn).parameters.values())

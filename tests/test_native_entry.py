@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import api, native_entry, split_norm_rope_cache
-from kernels.native_entry import _bits
+from kernels.native_entry import _bits, dry_signature
 
 from .kernel_check import check_run
 from .test_known_calls import _fixed, _launch_args, _step
@@ -34,34 +34,10 @@ def _clear(native):
     native.clear()
 
 
-def _signature(known, args):
-    """(vals, types) as Triton's launcher would see this launch: kernel order, pointers as
-    ints, an int equal to 1 specialised into a constexpr as Triton does."""
-    from kernels.triton_kernel import _cached_launcher
-    consts, vals, types = iter(known.plan[1]), [], []
-    runtime = iter(args)
-    for const in _cached_launcher()._is_const:
-        if const:
-            vals.append(next(consts))
-            types.append("constexpr")
-            continue
-        a = next(runtime)
-        if isinstance(a, torch.Tensor):
-            vals.append(a.data_ptr())
-            types.append("*" + str(a.dtype).replace("torch.", ""))
-        elif type(a) is float:
-            vals.append(a)
-            types.append("fp32")
-        else:
-            vals.append(a)
-            types.append("constexpr" if a == 1 else "i32" if -2**31 <= a < 2**31 else "i64")
-    return vals, types
-
-
 def _expected_params(known, qkv, kw, outs):
     """The parameters the Python path would launch with for this call and these outputs."""
     views = known.views(qkv, kw)
-    vals, types = _signature(known, known.bound.args_for(*views[:5], tuple(outs), views[5]))
+    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(outs), views[5]))
     return [_bits(t, v) for t, v in zip(types, vals) if t != "constexpr"]
 
 
@@ -77,7 +53,7 @@ def _dry_entry(native, form, state=("dry",)):
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
     views = known.views(qkv, rest)
-    vals, types = _signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
+    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
     why = native_entry.register(native, known, qkv, rest, out, state, vals=vals, types=types)
     assert why == "", why
     return known, kw, out
@@ -201,7 +177,7 @@ def test_a_description_that_does_not_fit_is_refused(native, monkeypatch):
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
     views = known.views(qkv, rest)
-    vals, types = _signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
+    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
     why = native_entry.register(native, known, qkv, rest, out, ("dry",), vals=vals, types=types)
     assert "differ" in why, why
     assert native.stats()["entries"] == 0
