@@ -7,6 +7,8 @@ When anything fails the reason is kept in ``why_not()`` and the entry point stay
 """
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -45,31 +47,57 @@ def _flags() -> list[str]:
             inc + libs + ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", "-ldl"])
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler() -> tuple[str, str]:
+    """(path, version line) of the C++ compiler."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ / g++ / $CXX)")
+    done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    return cxx, (done.stdout.splitlines() or [""])[0]
+
+
 def _target() -> Path:
+    """The module's path: keyed by everything the binary depends on (a torch rebuilt under the
+    same version string differs in its git version)."""
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + torch.__version__.encode() + sys.version.encode() +
-                         " ".join(_flags()).encode()).hexdigest()[:16]
+    parts = (torch.__version__, str(torch.version.git_version), sys.version, *_compiler(),
+             " ".join(_flags()))
+    tag = hashlib.sha256(src + "\0".join(parts).encode()).hexdigest()[:16]
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     return cache_dir() / f"{_NAME}-{tag}{suffix}"
 
 
 def build(target: Path) -> None:
-    """Compile into ``target`` (atomically: another process may be building the same)."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (c++ / g++ / $CXX)")
+    """Compile into ``target``, written atomically (a reader never sees half a file)."""
+    cxx = _compiler()[0]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
         cmd = [cxx, str(_SRC), "-o", tmp] + _flags()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if done.returncode:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _built(target: Path) -> ModuleType:
+    """Import ``target``, building it first when it is missing or does not import.  A file
+    lock next to it lets one process build while the others (an engine's workers) wait."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            try:
+                return _import(target)
+            except ImportError:  # a broken or foreign file under our name: build again
+                target.unlink()
+        build(target)
+        return _import(target)
 
 
 def _import(path: Path) -> ModuleType:
@@ -90,10 +118,7 @@ def load() -> Optional[ModuleType]:
         _why = "FUSED_QKV_NATIVE=0"
         return None
     try:
-        target = _target()
-        if not target.exists():
-            build(target)
-        _module = _import(target)
+        _module = _built(_target())
     except Exception as e:  # no compiler, no headers, a read-only home...: stay in Python
         _why = f"{type(e).__name__}: {e}"
         _module = None

@@ -19,6 +19,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -59,7 +60,7 @@ bool load_driver() {
   return launch != nullptr;
 }
 
-constexpr int kMaxParams = 126;  // kernel parameters; Triton's launcher appends two scratch
+constexpr int kMaxParams = 120;  // kernel parameters; Triton's launcher appends two scratch
 constexpr int kMaxInputs = 48;   // entry-point argument names (+ qkv)
 
 // Module state, set once by init(): the keyword names (interned), the tensor types accepted
@@ -78,7 +79,19 @@ struct PtrFix {  // kernel parameter `param` = input's data pointer + offset
   bool aligned;  // was a multiple of 16 when the kernel was picked: must stay one
 };
 
+// Python references an entry owns are released when the last holder lets go: a call in
+// flight holds its entry, so that Python code run meanwhile (a finalizer during an
+// allocation) may clear or replace the table without pulling the entry from under it.
 struct Entry {
+  Entry() = default;
+  Entry(const Entry&) = delete;
+  Entry& operator=(const Entry&) = delete;
+  ~Entry() {
+    Py_XDECREF(device_index);
+    Py_XDECREF(empty);
+    Py_XDECREF(state);
+    Py_XDECREF(keep);
+  }
   uint64_t function = 0;  // CUfunction; 0: a dry entry (tests): record, do not launch
   unsigned grid[3] = {1, 1, 1};
   unsigned block = 0, shared = 0;
@@ -87,6 +100,7 @@ struct Entry {
   std::vector<uint64_t> params;      // every parameter's bits; pointers filled per call
   std::vector<PtrFix> fixes;
   std::array<int, 4> out_param{{-1, -1, -1, -1}};
+  std::array<bool, 4> out_aligned{{false, false, false, false}};
   std::array<int64_t, 4> out_heads{{-1, -1, -1, -1}};  // -1: the shared empty output
   int64_t t = 0, d = 0;
   at::TensorOptions options;
@@ -104,7 +118,8 @@ struct KeyHash {
   }
 };
 
-std::unordered_map<std::vector<int64_t>, Entry, KeyHash> entries;
+using Table = std::unordered_map<std::vector<int64_t>, std::shared_ptr<Entry>, KeyHash>;
+Table entries;
 constexpr size_t kMaxEntries = 64;
 int64_t hits = 0, dry_hits = 0;  // calls answered: launched, dry
 std::vector<uint64_t> last_params;  // the last dry entry's parameters (tests)
@@ -209,11 +224,12 @@ bool same_state(const Entry& e, PyObject* state) {
 
 // The launch itself; false with a Python error set when the driver refuses.
 bool launch(const Entry& e, uint64_t* params, int n) {
-  std::array<void*, kMaxParams + 2> ptrs;
-  static uint64_t scratch[2] = {0, 0};  // global and profile scratch: none (checked)
+  // Triton's launcher appends the global and profile scratch pointers (none: checked when
+  // the entry was made); the driver reads only as many parameters as the kernel has
+  std::array<void*, kMaxParams + 4> ptrs;
+  static uint64_t scratch[4] = {0, 0, 0, 0};
   for (int i = 0; i < n; ++i) ptrs[i] = &params[i];
-  ptrs[n] = &scratch[0];
-  ptrs[n + 1] = &scratch[1];
+  for (int i = 0; i < 4; ++i) ptrs[n + i] = &scratch[i];
   PyObject* s = PyObject_CallOneArg(get_stream, e.device_index);
   if (s == nullptr) return false;
   uint64_t stream = PyLong_AsUnsignedLongLong(s);
@@ -241,8 +257,9 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::array<const at::Tensor*, kMaxInputs> inputs;
   if (result_type == nullptr || !build_key(args[0], args[1], key, inputs)) Py_RETURN_NONE;
   auto it = entries.find(key);
-  if (it == entries.end() || !same_state(it->second, args[2])) Py_RETURN_NONE;
-  const Entry& e = it->second;
+  if (it == entries.end() || !same_state(*it->second, args[2])) Py_RETURN_NONE;
+  const std::shared_ptr<Entry> held = it->second;  // `it` may not outlive Python code
+  const Entry& e = *held;
   std::array<uint64_t, kMaxParams> params;
   const int n = static_cast<int>(e.params.size());
   std::copy(e.params.begin(), e.params.end(), params.begin());
@@ -265,8 +282,9 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (int j = 0; j < 4; ++j) {
     if (e.out_heads[j] < 0) continue;
     made[j] = at::empty({e.t, e.out_heads[j], e.d}, e.options);
-    if (e.out_param[j] >= 0)
-      params[e.out_param[j]] = reinterpret_cast<uint64_t>(made[j].data_ptr());
+    uint64_t p = reinterpret_cast<uint64_t>(made[j].data_ptr());
+    if (e.out_aligned[j] && (p & 15)) Py_RETURN_NONE;  // another allocator: let Python go
+    if (e.out_param[j] >= 0) params[e.out_param[j]] = p;
   }
   if (e.function == 0) {
     last_params.assign(params.begin(), params.begin() + n);
@@ -300,25 +318,21 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-void release(Entry& e) {
-  Py_XDECREF(e.device_index);
-  Py_XDECREF(e.empty);
-  Py_XDECREF(e.state);
-  Py_XDECREF(e.keep);
-}
-
 void clear_entries() {
-  for (auto& kv : entries) release(kv.second);
-  entries.clear();
+  Table old;
+  old.swap(entries);  // the references go after the table is empty
 }
 
-bool as_ints(PyObject* seq, std::vector<int64_t>& out) {
+// `bits`: each item's low 64 bits (a parameter's bits may exceed INT64_MAX)
+bool as_ints(PyObject* seq, std::vector<int64_t>& out, bool bits = false) {
   PyObject* fast = PySequence_Fast(seq, "expected a sequence of ints");
   if (fast == nullptr) return false;
   Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
   out.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    PyObject* item = PySequence_Fast_GET_ITEM(fast, i);
+    out[i] = bits ? static_cast<int64_t>(PyLong_AsUnsignedLongLongMask(item))
+                  : PyLong_AsLongLong(item);
     if (out[i] == -1 && PyErr_Occurred()) {
       Py_DECREF(fast);
       return false;
@@ -329,31 +343,34 @@ bool as_ints(PyObject* seq, std::vector<int64_t>& out) {
 }
 
 // register(qkv, kwargs, state, function, grid, block, shared, device, params, fixes,
-//          out_params, out_heads, t, d, like, bumps, empty, keep) -> bool
+//          out_params, out_heads, out_aligned, t, d, like, bumps, empty, keep) -> bool
 // params: each kernel parameter's 64 bits; fixes: flat (param, input, offset, aligned) x N;
-// out_params / out_heads: 4 each; like: a tensor with the outputs' dtype and device.
+// out_params / out_heads / out_aligned: 4 each; like: a tensor with the outputs' dtype and
+// device.
 PyObject* register_entry(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *qkv, *kwargs, *state, *grid, *params, *fixes, *out_params, *out_heads, *like,
-      *bumps, *empty, *keep;
+  PyObject *qkv, *kwargs, *state, *grid, *params, *fixes, *out_params, *out_heads,
+      *out_aligned, *like, *bumps, *empty, *keep;
   unsigned long long function;
   unsigned block, shared;
   int device;
   long long t, d;
-  if (!PyArg_ParseTuple(args, "OOOKOIIiOOOOLLOOOO", &qkv, &kwargs, &state, &function, &grid,
-                        &block, &shared, &device, &params, &fixes, &out_params, &out_heads, &t,
-                        &d, &like, &bumps, &empty, &keep))
+  if (!PyArg_ParseTuple(args, "OOOKOIIiOOOOOLLOOOO", &qkv, &kwargs, &state, &function, &grid,
+                        &block, &shared, &device, &params, &fixes, &out_params, &out_heads,
+                        &out_aligned, &t, &d, &like, &bumps, &empty, &keep))
     return nullptr;
   std::vector<int64_t> key;
   std::array<const at::Tensor*, kMaxInputs> inputs;
   if (result_type == nullptr || !build_key(qkv, kwargs, key, inputs)) Py_RETURN_FALSE;
-  Entry e;
-  std::vector<int64_t> g, p, f, op, oh, b;
-  if (!as_ints(grid, g) || !as_ints(params, p) || !as_ints(fixes, f) ||
-      !as_ints(out_params, op) || !as_ints(out_heads, oh) || !as_ints(bumps, b))
+  auto held = std::make_shared<Entry>();
+  Entry& e = *held;
+  std::vector<int64_t> g, p, f, op, oh, oa, b;
+  if (!as_ints(grid, g) || !as_ints(params, p, true) || !as_ints(fixes, f) ||
+      !as_ints(out_params, op) || !as_ints(out_heads, oh) || !as_ints(out_aligned, oa) ||
+      !as_ints(bumps, b))
     return nullptr;
   if (g.size() != 3 || p.size() > kMaxParams || f.size() % 4 || op.size() != 4 ||
-      oh.size() != 4 || !THPVariable_Check(like)) {
+      oh.size() != 4 || oa.size() != 4 || !THPVariable_Check(like)) {
     PyErr_SetString(PyExc_ValueError, "register: malformed entry");
     return nullptr;
   }
@@ -380,6 +397,7 @@ PyObject* register_entry(PyObject*, PyObject* args) {
     }
     e.out_param[j] = static_cast<int>(op[j]);
     e.out_heads[j] = oh[j];
+    e.out_aligned[j] = oa[j] != 0;
   }
   e.function = function;
   for (int i = 0; i < 3; ++i) e.grid[i] = static_cast<unsigned>(g[i]);
@@ -397,15 +415,14 @@ PyObject* register_entry(PyObject*, PyObject* args) {
   e.empty = empty;
   e.state = state;
   e.keep = keep;
+  std::shared_ptr<Entry> old;  // released after the table changed
   auto it = entries.find(key);
+  if (it == entries.end() && entries.size() >= kMaxEntries) it = entries.begin();
   if (it != entries.end()) {
-    release(it->second);
+    old = std::move(it->second);
     entries.erase(it);
-  } else if (entries.size() >= kMaxEntries) {
-    release(entries.begin()->second);
-    entries.erase(entries.begin());
   }
-  entries.emplace(std::move(key), std::move(e));
+  entries.emplace(std::move(key), std::move(held));
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -448,6 +465,25 @@ PyObject* init(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// forget(qkv, kwargs): drop the entry of this call's key, if any
+PyObject* forget(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *qkv, *kwargs;
+  if (!PyArg_ParseTuple(args, "OO", &qkv, &kwargs)) return nullptr;
+  std::vector<int64_t> key;
+  std::array<const at::Tensor*, kMaxInputs> inputs;
+  std::shared_ptr<Entry> old;
+  if (build_key(qkv, kwargs, key, inputs)) {
+    auto it = entries.find(key);
+    if (it != entries.end()) {
+      old = std::move(it->second);
+      entries.erase(it);
+    }
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* clear(PyObject*, PyObject*) {
   clear_entries();
   Py_RETURN_NONE;
@@ -474,6 +510,7 @@ PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "init(names, tensor_type, parameter_type, result_type, "
                                  "get_stream)"},
     {"clear", clear, METH_NOARGS, "forget every entry"},
+    {"forget", forget, METH_VARARGS, "forget(qkv, kwargs): the entry of this call, if any"},
     {"stats", stats, METH_NOARGS, "{'entries': n, 'hits': launches, 'dry': dry calls}"},
     {"dry_params", dry_params, METH_NOARGS, "the last dry entry's kernel parameters"},
     {nullptr, nullptr, 0, nullptr}};

@@ -13,6 +13,7 @@ until it is loaded, calls stay on the Python path.  ``FUSED_QKV_NATIVE=0`` keeps
 from __future__ import annotations
 
 import inspect
+import math
 import struct
 import threading
 from types import ModuleType
@@ -26,9 +27,11 @@ module: Optional[ModuleType] = None  # the loaded C++ module; api.py reads it on
 why_not = ""  # why the last remember() did not hand its call over ("" when it did)
 _started = False
 _failed = False
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _started
+_build_lock = threading.Lock()  # held while building: only start(wait=True) waits on it
 _MISSING = object()
 _MASK = (1 << 64) - 1
+_FP32_MAX = 3.4028234663852886e38
 
 
 def _init(mod: ModuleType) -> ModuleType:
@@ -48,14 +51,14 @@ def names() -> tuple:
 
 
 def start(wait: bool = False) -> Optional[ModuleType]:
-    """Build and load the module once per process, in a background thread; ``wait``: in this
-    one (or wait for that thread), and return it."""
+    """Build and load the module once per process, in a background thread (a serving thread
+    never waits for the compiler); ``wait``: wait for it here, and return it."""
     global _started
     with _lock:
         first = not _started
         _started = True
     if wait:
-        _load()  # the build is done once; this waits for it and (re)sets ``module``
+        _load()  # waits for a build in progress; once built, only (re)sets ``module``
     elif first:
         threading.Thread(target=_load, name="fused_qkv_native_build", daemon=True).start()
     return module
@@ -63,7 +66,7 @@ def start(wait: bool = False) -> Optional[ModuleType]:
 
 def _load() -> None:
     global module, why_not, _failed
-    with _lock:
+    with _build_lock:
         mod = native_build.load()
         if mod is None:
             why_not, _failed = native_build.why_not(), True
@@ -134,7 +137,10 @@ def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
         why_not = "the launch state does not allow it"
         return
     known.native_tried = True
-    why_not = register(module, known, qkv, kwargs, out, st)
+    try:
+        why_not = register(module, known, qkv, kwargs, out, st)
+    except Exception as e:  # the call itself ran: whatever went wrong here stays here
+        why_not = f"{type(e).__name__}: {e}"
 
 
 def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tensor],
@@ -155,6 +161,11 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
         if not memo:
             return "no kept launch"
         m = memo[0]
+        # the launch it keeps must be this state's, on the device of these tensors (the
+        # kernel lives in the context it was loaded into)
+        if m.owner() is not st[2] or m.options != st[1] or \
+                m.dev != known.bound.dev.index or torch.cuda.current_device() != m.dev:
+            return "the kept launch is not this state's or device's"
         kernel = m.entry[3]
         vals = m.fill(*args)
         if vals is None:
@@ -167,34 +178,44 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
                 or getattr(meta, "launch_pdl", False) or \
                 getattr(meta, "launch_cooperative_grid", False):
             return "the kernel needs scratch memory, PDL or a cooperative launch"
+        if getattr(meta, "instrumentation_mode", "") or getattr(meta, "tensordesc_meta", None) \
+                or getattr(kernel.run, "gsan_enabled", False):
+            return "the launcher adds parameters (instrumentation, tensor descriptors)"
         num_warps, num_ctas, shared = kernel.packed_metadata
         if num_ctas != 1:
             return "a kernel of clusters"
-        function, block, dev = kernel.function, 32 * num_warps, known.bound.dev.index
+        function, block, dev = kernel.function, 32 * num_warps, m.dev
     try:
         spec = describe(known, qkv, kwargs, args, out, vals, types, is_const)
     except ValueError as e:
         return str(e)
     grid = tuple(plan[0]) + (1,) * (3 - len(plan[0]))
     params, fixes, out_params, out_heads, bumps, like, empty = spec
-    reg = (qkv, kwargs, st, 0, grid, block, shared, dev, params, fixes, out_params, out_heads,
-           views[0].shape[0], known.bound.shape[2], like, bumps, empty, kernel)
-    # check the description on this very call, dry, before it may launch
-    if not mod.register(*reg):
-        return "the module does not cover these arguments"
-    dry = mod.call(qkv, kwargs, st)
-    if dry is None:
-        return "the dry entry did not take the call it was built from"
-    got, want = mod.dry_params(), list(params)
-    for j, p in enumerate(out_params):
-        if p >= 0:
-            want[p] = dry[j].data_ptr()
-    if got != want or tuple(x.shape for x in dry) != tuple(x.shape for x in out):
-        mod.clear()
-        return "the dry entry's parameters differ from the launch's"
-    if kernel is not None and not mod.register(*reg[:3], function, *reg[4:]):
-        return "the module does not cover these arguments"
-    return ""
+    aligned = [int(o.data_ptr() % 16 == 0) for o in out]
+    entry = [qkv, kwargs, st, 0, grid, block, shared, dev, params, fixes, out_params, out_heads,
+             aligned, views[0].shape[0], known.bound.shape[2], like, bumps, empty, kernel]
+    # Run the description dry on this very call, under a state no real call has (so that
+    # no call can take it meanwhile), and compare its parameters with the launch's.
+    entry[2] = object()
+    done = False
+    try:
+        if not mod.register(*entry):
+            return "the module does not cover these arguments"
+        dry = mod.call(qkv, kwargs, entry[2])
+        if dry is None:
+            return "the dry entry did not take the call it was built from"
+        got, want = mod.dry_params(), list(params)
+        for j, p in enumerate(out_params):
+            if p >= 0:
+                want[p] = dry[j].data_ptr()
+        if got != want or tuple(x.shape for x in dry) != tuple(x.shape for x in out):
+            return "the dry entry's parameters differ from the launch's"
+        entry[2], entry[3] = st, function
+        done = mod.register(*entry)  # replaces the dry one
+        return "" if done else "the module does not cover these arguments"
+    finally:
+        if not done:
+            mod.forget(qkv, kwargs)
 
 
 def describe(known, qkv, kwargs: dict, args: list, out: Sequence[torch.Tensor], vals: Sequence,
@@ -268,8 +289,9 @@ def _bits(ty: str, v: Any) -> int:
         return (v or 0) & _MASK
     if ty[0] in "iu":
         return int(v) & _MASK
-    if ty == "fp32":
-        return struct.unpack("<I", struct.pack("<f", v))[0]
+    if ty == "fp32":  # out of range: +-inf, as the C cast of Triton's launcher gives
+        return struct.unpack("<I", struct.pack("<f", v if abs(v) <= _FP32_MAX else
+                                               math.copysign(math.inf, v)))[0]
     if ty == "fp64":
         return struct.unpack("<Q", struct.pack("<d", v))[0]
     if ty == "fp16":
