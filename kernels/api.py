@@ -131,7 +131,7 @@ class _KnownCall:
     views that ``prepare`` makes and refills the kept launch's tensors, which it does not
     hold (a kept launch must not keep caches alive)."""
 
-    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu", "sources", "native_tried")
+    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu", "sources", "native_state")
 
     def __init__(self, call: OpCall, packed: bool, table: bool) -> None:
         from .triton_kernel import BoundLaunch  # triton is imported lazily
@@ -146,7 +146,7 @@ class _KnownCall:
                         "v_src": "qkv" if packed else "v",
                         "cos": "cos_sin_cache" if table else "cos",
                         "sin": "cos_sin_cache" if table else "sin"}
-        self.native_tried = False  # whether native_entry.remember has seen this call
+        self.native_state = None  # the launch state native_entry.remember last tried under
 
     def __call__(self, qkv: Optional[Tensor], kw: dict) -> FusedQKV:
         views = self.views(qkv, kw)
@@ -247,7 +247,7 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
 
 def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict) -> FusedQKV:
     out = known(qkv, kwargs)
-    if not known.native_tried and not known.on_cpu:  # let the C++ path take it from now on
+    if not known.on_cpu:  # let the C++ path take it from now on
         native_entry.remember(known, qkv, kwargs, out)
     return out
 

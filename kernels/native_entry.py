@@ -119,24 +119,22 @@ def _import_modules() -> tuple:
 
 
 def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
-    """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module; it
-    starts the module's build the first time.  ``why_not`` says why a call was not handed
-    over."""
+    """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module,
+    once per launch state (``known.native_state``: a call that reached Python again after
+    the state changed, e.g. a new launcher, is handed over anew); it starts the module's
+    build the first time.  ``why_not`` says why a call was not handed over."""
     global why_not
-    if torch.version.hip:  # the module launches through the CUDA driver only
-        known.native_tried, why_not = True, "ROCm: the module launches through CUDA only"
-        return
     if module is None:
-        if _failed:  # no module in this process: stop asking
-            known.native_tried = True
-        else:
+        if not (_failed or torch.version.hip):  # the module launches through CUDA only
             start()  # a later call of this signature tries again once it is built
         return
     st = state()
     if st is None:  # a hook or a swapped kernel for now: a later call tries again
         why_not = "the launch state does not allow it"
         return
-    known.native_tried = True
+    if known.native_state == st:
+        return  # tried under this state already (it failed: why_not said why)
+    known.native_state = st
     try:
         why_not = register(module, known, qkv, kwargs, out, st)
     except Exception as e:  # the call itself ran: whatever went wrong here stays here
