@@ -131,7 +131,7 @@ class _KnownCall:
     views that ``prepare`` makes and refills the kept launch's tensors, which it does not
     hold (a kept launch must not keep caches alive)."""
 
-    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu", "sources", "native_state")
+    __slots__ = ("bound", "plan", "rotary_dim", "on_cpu", "sources", "native_refused")
 
     def __init__(self, call: OpCall, packed: bool, table: bool) -> None:
         from .triton_kernel import BoundLaunch  # triton is imported lazily
@@ -146,7 +146,7 @@ class _KnownCall:
                         "v_src": "qkv" if packed else "v",
                         "cos": "cos_sin_cache" if table else "cos",
                         "sin": "cos_sin_cache" if table else "sin"}
-        self.native_state = None  # the launch state native_entry.remember last tried under
+        self.native_refused = None  # the launch state native_entry.register refused it under
 
     def __call__(self, qkv: Optional[Tensor], kw: dict) -> FusedQKV:
         views = self.views(qkv, kw)

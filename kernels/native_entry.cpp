@@ -120,7 +120,7 @@ struct KeyHash {
 
 using Table = std::unordered_map<std::vector<int64_t>, std::shared_ptr<Entry>, KeyHash>;
 Table entries;
-constexpr size_t kMaxEntries = 64;
+constexpr size_t kMaxEntries = 128;  // api._KNOWN keeps 64 calls
 int64_t hits = 0, dry_hits = 0;  // calls answered: launched, dry
 std::vector<uint64_t> last_params;  // the last dry entry's parameters (tests)
 
@@ -484,6 +484,21 @@ PyObject* forget(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// holds(qkv, kwargs, state): whether an entry of this key and state is in the table
+PyObject* holds(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *qkv, *kwargs, *state;
+  if (!PyArg_ParseTuple(args, "OOO", &qkv, &kwargs, &state)) return nullptr;
+  std::vector<int64_t> key;
+  std::array<const at::Tensor*, kMaxInputs> inputs;
+  if (!build_key(qkv, kwargs, key, inputs)) Py_RETURN_FALSE;
+  auto it = entries.find(key);
+  if (it == entries.end()) Py_RETURN_FALSE;
+  const std::shared_ptr<Entry> held = it->second;  // the comparison may run Python code
+  return PyBool_FromLong(same_state(*held, state));
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* clear(PyObject*, PyObject*) {
   clear_entries();
   Py_RETURN_NONE;
@@ -511,6 +526,7 @@ PyMethodDef methods[] = {
                                  "get_stream)"},
     {"clear", clear, METH_NOARGS, "forget every entry"},
     {"forget", forget, METH_VARARGS, "forget(qkv, kwargs): the entry of this call, if any"},
+    {"holds", holds, METH_VARARGS, "holds(qkv, kwargs, state): an entry for this call"},
     {"stats", stats, METH_NOARGS, "{'entries': n, 'hits': launches, 'dry': dry calls}"},
     {"dry_params", dry_params, METH_NOARGS, "the last dry entry's kernel parameters"},
     {nullptr, nullptr, 0, nullptr}};

@@ -119,10 +119,12 @@ def _import_modules() -> tuple:
 
 
 def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
-    """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module,
-    once per launch state (``known.native_state``: a call that reached Python again after
-    the state changed, e.g. a new launcher, is handed over anew); it starts the module's
-    build the first time.  ``why_not`` says why a call was not handed over."""
+    """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module
+    unless it holds it already (this call then missed for a reason of its own, e.g. a pointer
+    off the 16-byte grid) or refused it under this launch state (``known.native_refused``).
+    So a call evicted from the module, or one that reached Python after the state changed
+    (a new launcher), is handed over anew.  It starts the module's build the first time.
+    ``why_not`` says why a call was not handed over."""
     global why_not
     if module is None:
         if not (_failed or torch.version.hip):  # the module launches through CUDA only
@@ -132,13 +134,14 @@ def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
     if st is None:  # a hook or a swapped kernel for now: a later call tries again
         why_not = "the launch state does not allow it"
         return
-    if known.native_state == st:
-        return  # tried under this state already (it failed: why_not said why)
-    known.native_state = st
+    if known.native_refused == st or module.holds(qkv, kwargs, st):
+        return
     try:
         why_not = register(module, known, qkv, kwargs, out, st)
     except Exception as e:  # the call itself ran: whatever went wrong here stays here
         why_not = f"{type(e).__name__}: {e}"
+    if why_not:
+        known.native_refused = st
 
 
 def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tensor],

@@ -258,7 +258,7 @@ def test_remember_keeps_its_errors(native, monkeypatch):
         raise OverflowError("a parameter out of range")
     monkeypatch.setattr(native_entry, "register", boom)
     native_entry.remember(known, qkv, rest, out)
-    assert "OverflowError" in native_entry.why_not and known.native_state == ("dry",)
+    assert "OverflowError" in native_entry.why_not and known.native_refused == ("dry",)
 
 
 def test_an_fp32_parameter_out_of_range_is_infinity():
@@ -374,24 +374,39 @@ def test_a_launch_hook_sends_calls_back_to_python(native):
 
 def test_a_call_remembered_under_a_hook_is_handed_over_later(native, monkeypatch):
     """While the launch state forbids the module (a profiler hook, say), a remembered call
-    stays in Python and is offered again at its next call, not given up; it is offered once
-    per state, and anew when the state changed (a new launcher)."""
+    stays in Python and is offered again at its next call, not given up; a refusal holds for
+    one state only, and a call the module already holds is not described again."""
     kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
     out = split_norm_rope_cache(**kw)
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
     monkeypatch.setattr(native_entry, "state", lambda: None)
     native_entry.remember(known, qkv, rest, out)
-    assert known.native_state is None and "state" in native_entry.why_not
+    assert known.native_refused is None and "state" in native_entry.why_not
     monkeypatch.setattr(native_entry, "state", lambda: ("dry",))
     native_entry.remember(known, qkv, rest, out)  # on the CPU: no kept launch to describe
-    assert known.native_state == ("dry",) and native_entry.why_not == "no kept launch"
+    assert known.native_refused == ("dry",) and native_entry.why_not == "no kept launch"
     native_entry.why_not = ""
-    native_entry.remember(known, qkv, rest, out)  # the same state: not tried again
+    native_entry.remember(known, qkv, rest, out)  # refused under this state: not again
     assert native_entry.why_not == ""
     monkeypatch.setattr(native_entry, "state", lambda: ("another",))  # e.g. a new launcher
     native_entry.remember(known, qkv, rest, out)
-    assert known.native_state == ("another",) and native_entry.why_not == "no kept launch"
+    assert known.native_refused == ("another",) and native_entry.why_not == "no kept launch"
+
+
+def test_a_call_the_module_holds_is_not_described_again(native, monkeypatch):
+    """A held call that reached Python missed for a reason of its own (a misaligned pointer):
+    no new description; once the module dropped it (evicted), the next call hands it over."""
+    known, kw, out = _dry_entry(native, "vllm", state=("dry",))
+    qkv, rest = _split(kw)
+    described = []
+    monkeypatch.setattr(native_entry, "state", lambda: ("dry",))
+    monkeypatch.setattr(native_entry, "register", lambda *a, **k: described.append(1) or "")
+    native_entry.remember(known, qkv, rest, out)
+    assert described == []
+    native.forget(qkv, rest)
+    native_entry.remember(known, qkv, rest, out)
+    assert described == [1]
 
 
 @pytest.mark.gpu
