@@ -73,11 +73,7 @@ def native_row(inp: dict) -> None:
     out = kernels.split_norm_rope_cache(**inp)
     (known,) = api._KNOWN.values()
     kw = {k: v for k, v in inp.items() if k != "qkv"}
-    views = known.views(inp["qkv"], kw)
-    vals, types = native_entry.dry_signature(
-        known, known.bound.args_for(*views[:5], tuple(out), views[5]))
-    why = native_entry.register(mod, known, inp["qkv"], kw, out, ("dry",), vals=vals,
-                                types=types)
+    why = native_entry.register(mod, known, inp["qkv"], kw, out, ("dry",), dry=True)
     if why:
         print(f"# the C++ module did not take the call: {why}")
         return

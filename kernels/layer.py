@@ -27,8 +27,8 @@ class FusedQKVLayer:
     width or layout from the first one, and any call under tracing go through the full,
     validated entry point (so a bad argument still raises a ``ValueError`` naming it); the
     others only check shapes and launch.  On CUDA, once the C++ module is built
-    (``native_entry``), each step geometry goes through the entry point once, and later calls
-    of it are the module's.
+    (``native_entry``), a step geometry it does not hold goes through the entry point, which
+    hands it over, and later calls of it are the module's.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -49,7 +49,7 @@ class FusedQKVLayer:
         self._call: Optional[OpCall] = None  # that call, validated by the entry point
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
         self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
-        self._offered: set = set()  # step geometries sent through the entry point for C++
+        self._refused: dict = {}  # step geometry -> the state the C++ module refused it in
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         native = native_entry.module
@@ -61,13 +61,18 @@ class FusedQKVLayer:
                 out = native.call(qkv, kw, state)
                 if out is not None:
                     return out
+                # Not held (new, or dropped): the entry point validates the call and hands
+                # it to the module, unless the module refused this step geometry under this
+                # state already (this layer's own path is then faster).
                 step = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, positions.shape,
                         positions.dtype, slot_mapping.shape, slot_mapping.dtype)
-                if step not in self._offered:  # the entry point validates it and hands it
-                    if len(self._offered) >= 64:  # to the module (once per geometry: if it
-                        self._offered.clear()     # cannot, this layer's own path is faster)
-                    self._offered.add(step)
-                    return split_norm_rope_cache(qkv, **kw)
+                if self._refused.get(step) != state and not native.holds(qkv, kw, state):
+                    out = split_norm_rope_cache(qkv, **kw)
+                    if not native.holds(qkv, kw, state):
+                        if len(self._refused) >= 64:
+                            self._refused.clear()
+                        self._refused[step] = state
+                    return out
         sig = self._sig
         if sig is not None and qkv.dim() == 2 and positions.dim() == 1 and \
                 slot_mapping.dim() == 1 and (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1),

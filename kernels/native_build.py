@@ -13,11 +13,11 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -68,35 +68,41 @@ def _target() -> Path:
     return cache_dir() / f"{_NAME}-{tag}{suffix}"
 
 
-def build(target: Path) -> None:
-    """Compile into ``target``, written atomically (a reader never sees half a file)."""
+def build(target: Path, lock_fd: Optional[int] = None) -> None:
+    """Compile into ``target``.  The compiler's shell writes a temporary file and renames it
+    (a reader never sees half a file), so that a build outlives a process that exits
+    meanwhile, and holds ``lock_fd`` (the build lock) until it is done."""
     cxx = _compiler()[0]
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [cxx, str(_SRC), "-o", tmp] + _flags()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    cmd = " ".join(shlex.quote(x) for x in [cxx, str(_SRC), "-o", str(tmp)] + _flags())
+    script = (f"{cmd} && chmod 755 {shlex.quote(str(tmp))} && "
+              f"mv -f {shlex.quote(str(tmp))} {shlex.quote(str(target))} || "
+              f"{{ rc=$?; rm -f {shlex.quote(str(tmp))}; exit $rc; }}")
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=900,
+                          pass_fds=(lock_fd,) if lock_fd is not None else ())
+    if done.returncode:
+        raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
 
 
 def _built(target: Path) -> ModuleType:
     """Import ``target``, building it first when it is missing or does not import.  A file
-    lock next to it lets one process build while the others (an engine's workers) wait."""
+    lock next to it lets one process build while the others (an engine's workers) wait; a
+    built module is imported without it (the cache may be read-only)."""
+    if target.exists():
+        try:
+            return _import(target)
+        except ImportError:  # a broken or foreign file under our name: build it again
+            pass
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
+    with open(target.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
+        if target.exists():  # another process built it meanwhile
             try:
                 return _import(target)
-            except ImportError:  # a broken or foreign file under our name: build again
+            except ImportError:
                 target.unlink()
-        build(target)
+        build(target, lock.fileno())
         return _import(target)
 
 

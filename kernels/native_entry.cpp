@@ -87,12 +87,13 @@ struct Entry {
   Entry(const Entry&) = delete;
   Entry& operator=(const Entry&) = delete;
   ~Entry() {
+    if (!Py_IsInitialized()) return;  // at exit, after Python: leave its objects be
     Py_XDECREF(device_index);
     Py_XDECREF(empty);
     Py_XDECREF(state);
     Py_XDECREF(keep);
   }
-  uint64_t function = 0;  // CUfunction; 0: a dry entry (tests): record, do not launch
+  uint64_t function = 0;  // CUfunction; 0: a dry entry (tests): no launch, return params
   unsigned grid[3] = {1, 1, 1};
   unsigned block = 0, shared = 0;
   int device = -1;
@@ -119,10 +120,9 @@ struct KeyHash {
 };
 
 using Table = std::unordered_map<std::vector<int64_t>, std::shared_ptr<Entry>, KeyHash>;
-Table entries;
+Table& entries = *new Table;  // never destroyed: its entries hold Python objects
 constexpr size_t kMaxEntries = 128;  // api._KNOWN keeps 64 calls
 int64_t hits = 0, dry_hits = 0;  // calls answered: launched, dry
-std::vector<uint64_t> last_params;  // the last dry entry's parameters (tests)
 
 enum Tag : int64_t { kNone = 1, kTensor, kFalse, kTrue, kInt, kFloat, kStr };
 
@@ -147,7 +147,7 @@ bool key_of(PyObject* value, std::vector<int64_t>& key, const at::Tensor** tenso
   PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(value));
   if (type == tensor_type || type == param_type) {
     const at::Tensor& t = THPVariable_Unpack(value);
-    if (t.layout() != c10::kStrided) return false;
+    if (t.layout() != c10::kStrided || t.is_nested()) return false;
     key.push_back(kTensor);
     key.push_back(static_cast<int64_t>(t.scalar_type()));
     key.push_back(static_cast<int64_t>(t.device().type()));
@@ -257,9 +257,10 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::array<const at::Tensor*, kMaxInputs> inputs;
   if (result_type == nullptr || !build_key(args[0], args[1], key, inputs)) Py_RETURN_NONE;
   auto it = entries.find(key);
-  if (it == entries.end() || !same_state(*it->second, args[2])) Py_RETURN_NONE;
+  if (it == entries.end()) Py_RETURN_NONE;
   const std::shared_ptr<Entry> held = it->second;  // `it` may not outlive Python code
   const Entry& e = *held;
+  if (!same_state(e, args[2])) Py_RETURN_NONE;
   std::array<uint64_t, kMaxParams> params;
   const int n = static_cast<int>(e.params.size());
   std::copy(e.params.begin(), e.params.end(), params.begin());
@@ -277,7 +278,6 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         driver.ctx_device(&dev) != 0 || dev != e.device)
       Py_RETURN_NONE;
   }
-  std::array<PyObject*, 4> outs{{nullptr, nullptr, nullptr, nullptr}};
   std::array<at::Tensor, 4> made;
   for (int j = 0; j < 4; ++j) {
     if (e.out_heads[j] < 0) continue;
@@ -287,7 +287,6 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (e.out_param[j] >= 0) params[e.out_param[j]] = p;
   }
   if (e.function == 0) {
-    last_params.assign(params.begin(), params.begin() + n);
     ++dry_hits;
   } else if (!launch(e, params.data(), n)) {
     return nullptr;
@@ -314,7 +313,21 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* result = PyTuple_Type.tp_new(reinterpret_cast<PyTypeObject*>(result_type), wrapped,
                                          nullptr);
   Py_DECREF(wrapped);
-  return result;
+  if (result == nullptr || e.function != 0) return result;
+  PyObject* list = PyList_New(n);  // a dry entry: (outputs, the parameters it would pass)
+  for (int i = 0; list != nullptr && i < n; ++i) {
+    PyObject* v = PyLong_FromUnsignedLongLong(params[i]);
+    if (v == nullptr) Py_CLEAR(list);
+    else PyList_SET_ITEM(list, i, v);
+  }
+  if (list == nullptr) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, result, list);
+  Py_DECREF(result);
+  Py_DECREF(list);
+  return pair;
   END_HANDLE_TH_ERRORS
 }
 
@@ -510,17 +523,10 @@ PyObject* stats(PyObject*, PyObject*) {
                        static_cast<long long>(dry_hits));
 }
 
-PyObject* dry_params(PyObject*, PyObject*) {
-  PyObject* out = PyList_New(static_cast<Py_ssize_t>(last_params.size()));
-  if (out == nullptr) return nullptr;
-  for (size_t i = 0; i < last_params.size(); ++i)
-    PyList_SET_ITEM(out, i, PyLong_FromUnsignedLongLong(last_params[i]));
-  return out;
-}
-
 PyMethodDef methods[] = {
     {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call)), METH_FASTCALL,
-     "call(qkv, kwargs, state) -> FusedQKV, or None: no entry fits"},
+     "call(qkv, kwargs, state) -> FusedQKV, or None: no entry fits; a dry entry (tests) "
+     "returns (FusedQKV, [the kernel parameters it would pass])"},
     {"register", register_entry, METH_VARARGS, "remember a launched call (see the source)"},
     {"init", init, METH_VARARGS, "init(names, tensor_type, parameter_type, result_type, "
                                  "get_stream)"},
@@ -528,7 +534,6 @@ PyMethodDef methods[] = {
     {"forget", forget, METH_VARARGS, "forget(qkv, kwargs): the entry of this call, if any"},
     {"holds", holds, METH_VARARGS, "holds(qkv, kwargs, state): an entry for this call"},
     {"stats", stats, METH_NOARGS, "{'entries': n, 'hits': launches, 'dry': dry calls}"},
-    {"dry_params", dry_params, METH_NOARGS, "the last dry entry's kernel parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "fused_qkv_native", nullptr, -1, methods};

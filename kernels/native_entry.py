@@ -12,6 +12,8 @@ until it is loaded, calls stay on the Python path.  ``FUSED_QKV_NATIVE=0`` keeps
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import inspect
 import math
 import struct
@@ -31,7 +33,6 @@ _lock = threading.Lock()  # guards _started
 _build_lock = threading.Lock()  # held while building: only start(wait=True) waits on it
 _MISSING = object()
 _MASK = (1 << 64) - 1
-_FP32_MAX = 3.4028234663852886e38
 
 
 def _init(mod: ModuleType) -> ModuleType:
@@ -39,9 +40,11 @@ def _init(mod: ModuleType) -> ModuleType:
 
     get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (lambda i: 0)
     mod.init(names(), torch.Tensor, torch.nn.Parameter, FusedQKV, get_stream)
+    atexit.register(mod.clear)  # release the entries' Python objects while Python runs
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def names() -> tuple:
     """The keyword names the module knows, in the order of its input indices (1 + i)."""
     from .api import prepare
@@ -70,8 +73,12 @@ def _load() -> None:
         mod = native_build.load()
         if mod is None:
             why_not, _failed = native_build.why_not(), True
-        elif module is not mod:
-            module = _init(mod)
+            return
+        try:
+            if module is not mod:
+                module = _init(mod)
+        except Exception as e:  # stay in Python
+            why_not, _failed = f"{type(e).__name__}: {e}", True
 
 
 def forget() -> None:
@@ -85,7 +92,10 @@ def state() -> Optional[tuple]:
     settings (tiles, offsets, registers), the launcher and its compile options.  None: the
     kernel must go through Python now (a launch or pre-run hook, a changed kernel global, the
     Triton interpreter, the cached launcher switched off or swapped)."""
-    tk, knobs = _modules or _import_modules()  # (an import statement per call costs ~0.5 us)
+    try:
+        tk, knobs = _modules or _import_modules()  # (an import statement per call: ~0.5 us)
+    except ImportError:  # no Triton: nothing to launch here
+        return None
     launcher = tk._launcher
     if launcher is None or launcher.fn is not tk.fused_qkv_kernel or launcher.why_slow or \
             not (tk._FAST_LAUNCH and tk._LAUNCH_MEMO) or launcher.fn.pre_run_hooks or \
@@ -134,30 +144,43 @@ def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
     if st is None:  # a hook or a swapped kernel for now: a later call tries again
         why_not = "the launch state does not allow it"
         return
-    if known.native_refused == st or module.holds(qkv, kwargs, st):
-        return
     try:
-        why_not = register(module, known, qkv, kwargs, out, st)
+        if known.native_refused == st or module.holds(qkv, kwargs, st):
+            return
+        why = register(module, known, qkv, kwargs, out, st)
     except Exception as e:  # the call itself ran: whatever went wrong here stays here
-        why_not = f"{type(e).__name__}: {e}"
-    if why_not:
+        why = f"{type(e).__name__}: {e}"
+    if why and why not in _THIS_CALL:
         known.native_refused = st
+    why_not = why
+
+
+# register()'s answers that depend on the call, not on its signature and launch state: a
+# later call of the signature is offered again
+_THIS_CALL = ("no kept launch", "the kept launch is not this state's or device's",
+              "the kept launch does not fit this call",
+              "the dry entry did not take the call it was built from")
 
 
 def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tensor],
-             st: Any, kernel: Any = None, vals: Optional[Sequence] = None,
-             types: Optional[Sequence[str]] = None) -> str:
+             st: Any, dry: bool = False) -> str:
     """Describe ``known``'s launch of this call to ``mod`` under state ``st``: "" when it is
-    registered, else why not.  ``kernel``, ``vals`` (the launcher's arguments, kernel order)
-    and ``types`` (Triton's signature types) default to those of the kept launch; tests pass
-    their own, with ``kernel=None`` for a dry entry that records instead of launching."""
+    registered, else why not.  The description comes from the kept launch (its compiled
+    kernel and the launcher's arguments); ``dry``: from ``dry_signature``, for an entry that
+    launches nothing and returns the parameters it would pass (tests, no GPU)."""
     plan = known.plan
     if not plan:
         return "nothing to launch"
     views = known.views(qkv, kwargs)
     args = known.bound.args_for(*views[:5], tuple(out), views[5])
     from .triton_kernel import IS_CONSTEXPR as is_const
-    if vals is None:
+    function, block, shared, dev, kernel = 0, 32 * plan[2], 0, -1, None
+    if dry:
+        vals, types = dry_signature(known, args)
+
+        def vals_of(*a):
+            return dry_signature(known, a)[0]
+    else:
         memo = plan[4]
         if not memo:
             return "no kept launch"
@@ -167,13 +190,11 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
         if m.owner() is not st[2] or m.options != st[1] or \
                 m.dev != known.bound.dev.index or torch.cuda.current_device() != m.dev:
             return "the kept launch is not this state's or device's"
-        kernel = m.entry[3]
-        vals = m.fill(*args)
+        kernel, vals_of = m.entry[3], m.fill
+        vals = vals_of(*args)
         if vals is None:
             return "the kept launch does not fit this call"
         types = list(kernel.src.signature.values())
-    function, block, shared, dev = 0, 32 * plan[2], 0, -1
-    if kernel is not None:
         meta = kernel.metadata
         if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0) \
                 or getattr(meta, "launch_pdl", False) or \
@@ -193,25 +214,29 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
     grid = tuple(plan[0]) + (1,) * (3 - len(plan[0]))
     params, fixes, out_params, out_heads, bumps, like, empty = spec
     aligned = [int(o.data_ptr() % 16 == 0) for o in out]
-    entry = [qkv, kwargs, st, 0, grid, block, shared, dev, params, fixes, out_params, out_heads,
-             aligned, views[0].shape[0], known.bound.shape[2], like, bumps, empty, kernel]
-    # Run the description dry on this very call, under a state no real call has (so that
-    # no call can take it meanwhile), and compare its parameters with the launch's.
-    entry[2] = object()
+    entry = [qkv, kwargs, object(), 0, grid, block, shared, dev, params, fixes, out_params,
+             out_heads, aligned, views[0].shape[0], known.bound.shape[2], like, bumps, empty,
+             kernel]
+    # Run the description dry on this very call, under a state no real call has (so that no
+    # call can take it meanwhile), and compare the parameters it would pass with those the
+    # Python path passes for the same call and the dry call's outputs.
     done = False
     try:
         if not mod.register(*entry):
             return "the module does not cover these arguments"
-        dry = mod.call(qkv, kwargs, entry[2])
-        if dry is None:
+        answer = mod.call(qkv, kwargs, entry[2])
+        if answer is None:
             return "the dry entry did not take the call it was built from"
-        got, want = mod.dry_params(), list(params)
-        for j, p in enumerate(out_params):
-            if p >= 0:
-                want[p] = dry[j].data_ptr()
-        if got != want or tuple(x.shape for x in dry) != tuple(x.shape for x in out):
+        outs, params_got = answer
+        want = vals_of(*known.bound.args_for(*views[:5], tuple(outs), views[5]))
+        if want is None or params_got != [_bits(t, v) for t, v in zip(types, want)
+                                          if t != "constexpr"] or \
+                tuple(x.shape for x in outs) != tuple(x.shape for x in out):
             return "the dry entry's parameters differ from the launch's"
-        entry[2], entry[3] = st, function
+        if dry:
+            entry[2] = st
+        else:
+            entry[2], entry[3] = st, function
         done = mod.register(*entry)  # replaces the dry one
         return "" if done else "the module does not cover these arguments"
     finally:
@@ -291,8 +316,10 @@ def _bits(ty: str, v: Any) -> int:
     if ty[0] in "iu":
         return int(v) & _MASK
     if ty == "fp32":  # out of range: +-inf, as the C cast of Triton's launcher gives
-        return struct.unpack("<I", struct.pack("<f", v if abs(v) <= _FP32_MAX else
-                                               math.copysign(math.inf, v)))[0]
+        try:
+            return struct.unpack("<I", struct.pack("<f", v))[0]
+        except OverflowError:
+            return struct.unpack("<I", struct.pack("<f", math.copysign(math.inf, v)))[0]
     if ty == "fp64":
         return struct.unpack("<Q", struct.pack("<d", v))[0]
     if ty == "fp16":

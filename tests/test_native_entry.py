@@ -6,7 +6,9 @@ compared with those the Python path builds for the same call.  On the GPU the en
 calls go through it and are checked against the reference.
 """
 import gc
+import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,9 +54,7 @@ def _dry_entry(native, form, state=("dry",)):
     out = split_norm_rope_cache(**kw)
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
-    views = known.views(qkv, rest)
-    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
-    why = native_entry.register(native, known, qkv, rest, out, state, vals=vals, types=types)
+    why = native_entry.register(native, known, qkv, rest, out, state, dry=True)
     assert why == "", why
     return known, kw, out
 
@@ -67,14 +67,15 @@ def test_a_dry_entry_passes_what_the_python_path_passes(native, form):
     qkv, rest = _split(kw)
     versions = rest["key_cache"]._version, rest["value_cache"]._version
     dry = native.stats()["dry"]
-    got = native.call(qkv, rest, ("dry",))
-    assert got is not None, "a call of the remembered signature missed"
+    answer = native.call(qkv, rest, ("dry",))
+    assert answer is not None, "a call of the remembered signature missed"
+    got, params = answer
     assert type(got) is api.FusedQKV and native.stats()["dry"] == dry + 1
     for name, g, w in zip("qkvg", got, first_out):
         assert (g.shape, g.dtype, g.device) == (w.shape, w.dtype, w.device), name
         if w.numel():
             assert g.data_ptr() != w.data_ptr(), f"{name}: not a new output"
-    assert native.dry_params() == _expected_params(known, qkv, rest, got)
+    assert params == _expected_params(known, qkv, rest, got)
     assert (rest["key_cache"]._version, rest["value_cache"]._version) == \
         (versions[0] + 1, versions[1] + 1), "autograd must see both caches written"
 
@@ -82,7 +83,7 @@ def test_a_dry_entry_passes_what_the_python_path_passes(native, form):
 def test_outputs_not_asked_for_are_the_shared_empty_tensor(native):
     _, kw, out = _dry_entry(native, "vllm")  # return_k=False, return_v=False
     qkv, rest = _split(kw)
-    got = native.call(qkv, rest, ("dry",))
+    got, _ = native.call(qkv, rest, ("dry",))
     assert got.k is out.k and got.v is out.v and got.gate is out.gate
     assert got.k.numel() == 0 and got.q.shape == out.q.shape
 
@@ -176,9 +177,7 @@ def test_a_description_that_does_not_fit_is_refused(native, monkeypatch):
     out = split_norm_rope_cache(**kw)
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
-    views = known.views(qkv, rest)
-    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
-    why = native_entry.register(native, known, qkv, rest, out, ("dry",), vals=vals, types=types)
+    why = native_entry.register(native, known, qkv, rest, out, ("dry",), dry=True)
     assert "differ" in why, why
     assert native.stats()["entries"] == 0
 
@@ -231,19 +230,15 @@ def test_an_error_while_registering_leaves_no_entry(native):
     out = split_norm_rope_cache(**kw)
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
-    views = known.views(qkv, rest)
-    vals, types = dry_signature(known, known.bound.args_for(*views[:5], tuple(out), views[5]))
     seen = []
 
     def failing_call(*a):
         seen.append(native.stats()["entries"])
         raise MemoryError("out of memory in the dry call")
-    mod = SimpleNamespace(register=native.register, forget=native.forget, call=failing_call,
-                          dry_params=native.dry_params)
+    mod = SimpleNamespace(register=native.register, forget=native.forget, call=failing_call)
     with pytest.raises(MemoryError):
-        native_entry.register(mod, known, qkv, rest, out, ("dry",), vals=vals, types=types)
+        native_entry.register(mod, known, qkv, rest, out, ("dry",), dry=True)
     assert seen == [1] and native.stats()["entries"] == 0
-    assert native.call(qkv, rest, ("dry",)) is None
 
 
 def test_remember_keeps_its_errors(native, monkeypatch):
@@ -265,6 +260,23 @@ def test_an_fp32_parameter_out_of_range_is_infinity():
     """Triton's launcher casts a Python float to float32 in C: 1e39 becomes inf."""
     assert _bits("fp32", 1e39) == 0x7F800000 and _bits("fp32", -1e39) == 0xFF800000
     assert _bits("fp32", 1.0) == 0x3F800000 and _bits("i32", -1) == (1 << 64) - 1
+    assert _bits("fp32", 3.4028235e38) == 0x7F7FFFFF  # rounds down to the largest float32
+
+
+def test_a_process_with_entries_exits_cleanly(native):
+    """Entries hold Python objects (their launch state, the shared empty output): the module
+    must let go of them while Python still runs, not in a static destructor after it."""
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+    script = ("from kernels import native_entry\n"
+              "from tests.test_native_entry import _dry_entry\n"
+              "_dry_entry(native_entry.start(wait=True), 'vllm', state=(object(),))\n"
+              "print('done')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
 
 
 def test_the_build_does_not_block_callers(monkeypatch):
@@ -293,8 +305,9 @@ def test_inference_tensors_are_written_without_a_version(native):
     torch.autograd.graph.increment_version, the module leaves them be."""
     with torch.inference_mode():
         known, kw, _ = _dry_entry(native, "vllm")
-        qkv, rest = _split(kw)
-        assert native.call(qkv, rest, ("dry",)) is not None
+    qkv, rest = _split(kw)
+    assert rest["key_cache"].is_inference()
+    assert native.call(qkv, rest, ("dry",)) is not None  # outside inference_mode: no bump
 
 
 # ---------------------------------------------------------------- GPU: the real launches
@@ -374,24 +387,31 @@ def test_a_launch_hook_sends_calls_back_to_python(native):
 
 def test_a_call_remembered_under_a_hook_is_handed_over_later(native, monkeypatch):
     """While the launch state forbids the module (a profiler hook, say), a remembered call
-    stays in Python and is offered again at its next call, not given up; a refusal holds for
-    one state only, and a call the module already holds is not described again."""
+    stays in Python and is offered again at its next call, not given up.  A refusal for the
+    signature holds for one launch state; one for this call only (its pointers do not fit
+    the kept launch) does not."""
     kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
     out = split_norm_rope_cache(**kw)
     (known,) = api._KNOWN.values()
     qkv, rest = _split(kw)
+    answers = []
+    monkeypatch.setattr(native_entry, "register", lambda *a, **k: answers.pop(0))
     monkeypatch.setattr(native_entry, "state", lambda: None)
     native_entry.remember(known, qkv, rest, out)
     assert known.native_refused is None and "state" in native_entry.why_not
     monkeypatch.setattr(native_entry, "state", lambda: ("dry",))
-    native_entry.remember(known, qkv, rest, out)  # on the CPU: no kept launch to describe
-    assert known.native_refused == ("dry",) and native_entry.why_not == "no kept launch"
-    native_entry.why_not = ""
-    native_entry.remember(known, qkv, rest, out)  # refused under this state: not again
-    assert native_entry.why_not == ""
-    monkeypatch.setattr(native_entry, "state", lambda: ("another",))  # e.g. a new launcher
+    answers.append("the kept launch does not fit this call")
     native_entry.remember(known, qkv, rest, out)
-    assert known.native_refused == ("another",) and native_entry.why_not == "no kept launch"
+    assert known.native_refused is None and "fit" in native_entry.why_not
+    answers.append("a kernel of clusters")
+    native_entry.remember(known, qkv, rest, out)
+    assert known.native_refused == ("dry",) and native_entry.why_not == "a kernel of clusters"
+    native_entry.remember(known, qkv, rest, out)  # refused under this state: not again
+    assert answers == []
+    monkeypatch.setattr(native_entry, "state", lambda: ("another",))  # e.g. a new launcher
+    answers.append("")
+    native_entry.remember(known, qkv, rest, out)
+    assert answers == [] and native_entry.why_not == ""
 
 
 def test_a_call_the_module_holds_is_not_described_again(native, monkeypatch):
