@@ -217,7 +217,7 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
     Raises:
         ValueError / TypeError naming the offending argument.
     """
-    key = None
+    key = state = None
     if not _tracing():
         native = native_entry.module
         if native is not None:  # remembered calls, in C++ (CUDA only)
@@ -236,19 +236,20 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
                 not (known.on_cpu and not _use_triton(_CPU)):
             _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
             _KNOWN[key] = known    # another thread evicted it meanwhile)
-            return _known_call(known, qkv, kwargs)
+            return _known_call(known, qkv, kwargs, state)
     call = prepare(qkv, **kwargs)
     if key is None or not call.direct or call.cache is None or \
             not _use_triton(call.head[0].device):
         return run(call)
     known = _remember(key, call, qkv is not None, kwargs.get("cos_sin_cache") is not None)
-    return _known_call(known, qkv, kwargs)  # the path later calls take, from the first one on
+    return _known_call(known, qkv, kwargs, state)  # the path later calls take, from the first
 
 
-def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict) -> FusedQKV:
+def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict,
+                state: Optional[tuple]) -> FusedQKV:
     out = known(qkv, kwargs)
-    if not known.on_cpu:  # let the C++ path take it from now on
-        native_entry.remember(known, qkv, kwargs, out)
+    if not known.on_cpu:  # let the C++ path take it from now on (``state``: already read)
+        native_entry.remember(known, qkv, kwargs, out, state)
     return out
 
 

@@ -128,19 +128,21 @@ def _import_modules() -> tuple:
     return _modules
 
 
-def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor]) -> None:
+def remember(known, qkv, kwargs: dict, out: Sequence[torch.Tensor],
+             st: Optional[tuple] = None) -> None:
     """Hand the call just launched through ``known`` (an ``api._KnownCall``) to the module
     unless it holds it already (this call then missed for a reason of its own, e.g. a pointer
     off the 16-byte grid) or refused it under this launch state (``known.native_refused``).
     So a call evicted from the module, or one that reached Python after the state changed
     (a new launcher), is handed over anew.  It starts the module's build the first time.
-    ``why_not`` says why a call was not handed over."""
+    ``why_not`` says why a call was not handed over.  ``st``: ``state()``, when the caller
+    has it already."""
     global why_not
     if module is None:
         if not (_failed or torch.version.hip):  # the module launches through CUDA only
             start()  # a later call of this signature tries again once it is built
         return
-    st = state()
+    st = st if st is not None else state()
     if st is None:  # a hook or a swapped kernel for now: a later call tries again
         why_not = "the launch state does not allow it"
         return
@@ -229,8 +231,7 @@ def register(mod: ModuleType, known, qkv, kwargs: dict, out: Sequence[torch.Tens
             return "the dry entry did not take the call it was built from"
         outs, params_got = answer
         want = vals_of(*known.bound.args_for(*views[:5], tuple(outs), views[5]))
-        if want is None or params_got != [_bits(t, v) for t, v in zip(types, want)
-                                          if t != "constexpr"] or \
+        if want is None or params_got != _params(types, want) or \
                 tuple(x.shape for x in outs) != tuple(x.shape for x in out):
             return "the dry entry's parameters differ from the launch's"
         if dry:
@@ -251,14 +252,13 @@ def describe(known, qkv, kwargs: dict, args: list, out: Sequence[torch.Tensor], 
     if len(vals) != len(types) or len(types) != len(is_const):
         raise ValueError("the launch's arguments do not match the kernel's signature")
     pos = [k for k, c in enumerate(is_const) if not c]  # runtime argument i: kernel index
-    param_of, params = {}, []
-    for k, ty in enumerate(types):
-        if ty != "constexpr":
-            param_of[k] = len(params)
-            params.append(_bits(ty, vals[k]))
+    params = _params(types, vals)
+    param_of = {k: i for i, k in enumerate(k for k, ty in enumerate(types)
+                                           if ty != "constexpr")}
     index = {n: 1 + i for i, n in enumerate(names())}
     index["qkv"] = 0
     roles = known.bound.roles()
+    # (empty stays None when every output is made per call)
     fixes, out_params, out_heads, empty = [], [-1] * 4, [-1] * 4, None
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
@@ -283,7 +283,6 @@ def describe(known, qkv, kwargs: dict, args: list, out: Sequence[torch.Tensor], 
         fixes += [param_of[k], index[name], vals[k] - src.data_ptr(), int(vals[k] % 16 == 0)]
     made = [o for j, o in enumerate(out) if out_heads[j] >= 0]
     like = made[0] if made else out[0]
-    # (None: every output is made per call)
     bumps = [index["key_cache"], index["value_cache"]]
     return params, fixes, out_params, out_heads, bumps, like, empty
 
@@ -307,6 +306,11 @@ def dry_signature(known, args: Sequence) -> tuple[list, list]:
         else:
             types.append("i32" if -2**31 <= a < 2**31 else "i64")
     return vals, types
+
+
+def _params(types: Sequence[str], vals: Sequence) -> list:
+    """The kernel's parameters (its non-constexpr arguments) as the bits the launch passes."""
+    return [_bits(ty, v) for ty, v in zip(types, vals) if ty != "constexpr"]
 
 
 def _bits(ty: str, v: Any) -> int:

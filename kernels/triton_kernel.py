@@ -911,8 +911,7 @@ FIXED_ROLES = ("q_weight", "k_weight", "cos", "sin", "key_cache", "value_cache",
                "v_scale")
 
 # The kernel's constexpr names in order (BoundLaunch.consts, TilePlan's, IDX64, INTERP, PDL)
-_CONST_NAMES = tuple(n for n, p in inspect.signature(fused_qkv_kernel.fn).parameters.items()
-                     if _is_constexpr(p))
+_PARAMS = inspect.signature(fused_qkv_kernel.fn).parameters
 # per kernel parameter, in order: whether it is a constexpr
-IS_CONSTEXPR = tuple(_is_constexpr(p)
-                     for p in inspect.signature(fused_qkv_kernel.fn).parameters.values())
+IS_CONSTEXPR = tuple(map(_is_constexpr, _PARAMS.values()))
+_CONST_NAMES = tuple(n for n, c in zip(_PARAMS, IS_CONSTEXPR) if c)
