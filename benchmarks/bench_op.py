@@ -212,6 +212,38 @@ def host_overhead() -> None:
     layer_us = (time.perf_counter() - t0) / n * 1e6
     print(f"# FusedQKVLayer (fixed arguments validated once), T=1, no graph: "
           f"{layer_us:.1f} us/call")
+    one_off_signatures(kw)
+
+
+def one_off_signatures(kw, lo: int = 66, hi: int = 240) -> None:
+    """Host time a call when every call has a new T (eager prefills: no T repeats), T = lo
+    to hi - 1, each once, on slices of one input (the slicing counted).  One tile bucket
+    (64 <= T < 256), whose kernel variants (T divisible by 16 or not; with the register
+    budget up to T = 220 on 132 SMs, without from there) are compiled by calls at T = 64,
+    65, 240 and 241 before: no compile in the loop."""
+    big, kwb, _ = make_inputs("qwen3-8b", 242, False)
+    qkv, qw, kw_, cos_sin, pos, kc, vc, slots, ks, vs = big
+
+    def entry(t):
+        fused(qkv[:t], qw, kw_, cos_sin, pos[:t], kc, vc, slots[:t], ks, vs, **kwb,
+              opaque=False)
+
+    layer = kernels.FusedQKVLayer(
+        num_q_heads=kw["hq"], num_kv_heads=kw["hkv"], head_dim=kw["d"], q_weight=qw,
+        k_weight=kw_, eps=1e-6, cos_sin_cache=cos_sin, key_cache=kc, value_cache=vc,
+        return_k=False, return_v=False)
+    times = []
+    for fn in (entry, lambda t: layer(qkv[:t], pos[:t], slots[:t])):
+        for t in (64, 65, 240, 241):
+            fn(t)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            fn(t)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / (hi - lo) * 1e6)
+    print(f"# a new T every call (T = {lo}..{hi - 1}, each once), no graph: entry point "
+          f"{times[0]:.1f} us/call, FusedQKVLayer {times[1]:.1f} us/call")
 
 
 def print_floors(args, bw: float, launch_us: float) -> None:

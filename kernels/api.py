@@ -217,38 +217,50 @@ def split_norm_rope_cache(qkv: Optional[Tensor] = None, **kwargs) -> FusedQKV:
     Raises:
         ValueError / TypeError naming the offending argument.
     """
-    key = state = None
-    if not _tracing():
-        native = native_entry.module
-        if native is not None:  # remembered calls, in C++ (CUDA only)
-            state = native_entry.state()
-            if state is not None:
-                out = native.call(qkv, kwargs, state)
-                if out is not None:
-                    return out
-        try:
-            key = _signature(qkv, kwargs)
-            known = _KNOWN.get(key) if key is not None else None
-        except Exception:  # unhashable, no strides...: validation below names the argument
-            key = known = None
-        # the tile, offset and register settings are module globals that benchmarks change
-        if known is not None and not known.bound.stale() and \
-                not (known.on_cpu and not _use_triton(_CPU)):
-            _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
-            _KNOWN[key] = known    # another thread evicted it meanwhile)
-            return _known_call(known, qkv, kwargs, state)
+    if _tracing():
+        return run(prepare(qkv, **kwargs))
+    state = None
+    native = native_entry.module
+    if native is not None:  # remembered calls, in C++ (CUDA only)
+        state = native_entry.state()
+        if state is not None:
+            out = native.call(qkv, kwargs, state)
+            if out is not None:
+                return out
+    return _python_call(qkv, kwargs, state)
+
+
+def _python_call(qkv: Optional[Tensor], kwargs: dict, state: Optional[tuple],
+                 offer_first: bool = False) -> FusedQKV:
+    """The entry point outside tracing, less the C++ module: a remembered signature's launch,
+    else validation (which remembers the signature).  A signature is offered to the module
+    (``native_entry.remember``; ``state``: ``native_entry.state()``, if read) from its second
+    call, or from its first with ``offer_first``: describing a launch costs ~0.2 ms, more
+    than a one-off signature would save there (an eager prefill with a new T every step)."""
+    try:
+        key = _signature(qkv, kwargs)
+        known = _KNOWN.get(key) if key is not None else None
+    except Exception:  # unhashable, no strides...: validation below names the argument
+        key = known = None
+    # the tile, offset and register settings are module globals that benchmarks change
+    if known is not None and not known.bound.stale() and \
+            not (known.on_cpu and not _use_triton(_CPU)):
+        _KNOWN.pop(key, None)  # the most recently used goes last (pop: no KeyError if
+        _KNOWN[key] = known    # another thread evicted it meanwhile)
+        return _known_call(known, qkv, kwargs, state, True)
     call = prepare(qkv, **kwargs)
     if key is None or not call.direct or call.cache is None or \
             not _use_triton(call.head[0].device):
         return run(call)
     known = _remember(key, call, qkv is not None, kwargs.get("cos_sin_cache") is not None)
-    return _known_call(known, qkv, kwargs, state)  # the path later calls take, from the first
+    return _known_call(known, qkv, kwargs, state, offer_first)  # later calls' path, from now
 
 
 def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict,
-                state: Optional[tuple]) -> FusedQKV:
+                state: Optional[tuple], offer: bool) -> FusedQKV:
     out = known(qkv, kwargs)
-    if not known.on_cpu:  # let the C++ path take it from now on (``state``: already read)
+    # hand it to the C++ path (``offer``), or at least start building that (its first call)
+    if not known.on_cpu and (offer or native_entry.module is None):
         native_entry.remember(known, qkv, kwargs, out, state)
     return out
 

@@ -304,15 +304,27 @@ def _make_fill(is_const: list, args: Sequence[Any], vals: tuple) -> Callable:
         if vals[pos[i]] % 16 == 0:
             aligned.append(f"p{i}")
         dtypes.append((f"a{i}.dtype", a.dtype))
-    check = f"    if ({' | '.join(aligned)}) & 15:\n        return None\n" if aligned else ""
-    src = (f"def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n" +
-           (f"    if ({', '.join(e for e, _ in dtypes)},) != _dtypes:\n        return None\n"
-            if dtypes else "") +
-           "    v = list(_vals)\n" + "".join(line + "\n" for line in body) + check +
-           "    return v\n")
-    ns: dict = {"_vals": tuple(vals), "_dtypes": tuple(d for _, d in dtypes)}
-    exec(src, ns)
-    return ns["fill"]
+    check = f"        if ({' | '.join(aligned)}) & 15:\n            return None\n" \
+        if aligned else ""
+    # a factory of fill(), taking the values: its source repeats for every call of one shape
+    # (a new T, say), so it is compiled once (exec: ~0.4 ms, most of a one-off call's cost)
+    src = ("def make(_vals, _dtypes):\n"
+           f"    def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n" +
+           (f"        if ({', '.join(e for e, _ in dtypes)},) != _dtypes:\n"
+            "            return None\n" if dtypes else "") +
+           "        v = list(_vals)\n" + "".join(f"    {line}\n" for line in body) + check +
+           "        return v\n    return fill\n")
+    make = _FILL_FACTORIES.get(src)
+    if make is None:
+        ns: dict = {}
+        exec(src, ns)
+        if len(_FILL_FACTORIES) >= 64:
+            _FILL_FACTORIES.clear()
+        make = _FILL_FACTORIES[src] = ns["make"]
+    return make(tuple(vals), tuple(d for _, d in dtypes))
+
+
+_FILL_FACTORIES: dict = {}  # _make_fill's generated source -> its compiled factory
 
 
 def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], int]]:

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native_entry
-from .api import FusedQKV, OpCall, _tracing, prepare, run, split_norm_rope_cache
+from . import api, native_entry
+from .api import FusedQKV, OpCall, _tracing, prepare, run
 from .custom_op import _use_triton
 
 
@@ -27,8 +27,9 @@ class FusedQKVLayer:
     width or layout from the first one, and any call under tracing go through the full,
     validated entry point (so a bad argument still raises a ``ValueError`` naming it); the
     others only check shapes and launch.  On CUDA, once the C++ module is built
-    (``native_entry``), a step geometry it does not hold goes through the entry point, which
-    hands it over, and later calls of it are the module's.
+    (``native_entry``), a step geometry it does not hold goes at its second call through the
+    entry point, which hands it over, and later calls of it are the module's (its first call
+    stays here: many never repeat, e.g. eager prefills with a new T every step).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -50,6 +51,7 @@ class FusedQKVLayer:
         self._bound = None  # its kernel launch with the fixed arguments resolved (Triton only)
         self._plans: dict = {}  # (T, qkv row stride) -> the bound launch's plan for them
         self._refused: dict = {}  # step geometry -> the state the C++ module refused it in
+        self._seen: dict = {}  # step geometries called once, not yet offered to the module
 
     def __call__(self, qkv: Tensor, positions: Tensor, slot_mapping: Tensor) -> FusedQKV:
         native = native_entry.module
@@ -61,18 +63,23 @@ class FusedQKVLayer:
                 out = native.call(qkv, kw, state)
                 if out is not None:
                     return out
-                # Not held (new, or dropped): the entry point validates the call and hands
-                # it to the module, unless the module refused this step geometry under this
-                # state already (this layer's own path is then faster).
+                # Not held (new, or dropped): from its second call, the entry point
+                # validates the call and hands it to the module, unless the module refused
+                # this step geometry under this state already (this layer's own path is then
+                # faster).
                 step = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, positions.shape,
                         positions.dtype, slot_mapping.shape, slot_mapping.dtype)
                 if self._refused.get(step) != state and not native.holds(qkv, kw, state):
-                    out = split_norm_rope_cache(qkv, **kw)
-                    if not native.holds(qkv, kw, state):
-                        if len(self._refused) >= 64:
-                            self._refused.clear()
-                        self._refused[step] = state
-                    return out
+                    if self._seen.pop(step, None) is not None:
+                        out = api._python_call(qkv, kw, state, offer_first=True)
+                        if not native.holds(qkv, kw, state):
+                            if len(self._refused) >= 64:
+                                self._refused.clear()
+                            self._refused[step] = state
+                        return out
+                    if len(self._seen) >= 64:
+                        self._seen.clear()
+                    self._seen[step] = True
         sig = self._sig
         if sig is not None and qkv.dim() == 2 and positions.dim() == 1 and \
                 slot_mapping.dim() == 1 and (qkv.dtype, qkv.device, qkv.shape[1], qkv.stride(1),

@@ -401,3 +401,28 @@ def test_memo_reads_each_tensor_even_where_one_was_passed_twice(monkeypatch):
     assert launch.hits == 2
     with pytest.raises(AttributeError):  # what a fill does with a non-tensor: the key path
         memo[0].fill(x, 3, y, 16)
+
+
+def test_fill_code_is_compiled_once_per_shape_of_call(stub, monkeypatch):
+    """A memo's fill() of a new signature with the same argument layout (an eager prefill's
+    new T) reuses the code compiled for the first (exec took ~0.4 ms a one-off call), with
+    its own values, and a new layout (another alignment) compiles its own."""
+    jf, compiled, normal = stub
+    compiles = []
+    real_exec = exec
+    monkeypatch.setattr(fast_launch, "_FILL_FACTORIES", {})
+    monkeypatch.setattr(fast_launch, "exec", lambda src, ns: compiles.append(src) or
+                        real_exec(src, ns), raising=False)
+    launch = CachedLauncher(jf)
+    x, y = torch.zeros(32), torch.zeros(32)
+    for n, t in ((48, x), (64, y)):  # two plans: another int, the same layout
+        memo = []
+        launch((1,), (t, n, 0.5), (True, 8), 4, memo=memo)
+        launch((1,), (t, n, 0.5), (True, 8), 4, memo=memo)
+        assert compiled.launches[-1][9:] == (t.data_ptr(), n, 0.5, True, 8)
+    fills = [s for s in compiles if "def make(" in s]
+    assert len(fills) == 1
+    memo = []
+    launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)  # unaligned: no alignment check
+    assert len([s for s in compiles if "def make(" in s]) == 2
+    assert memo[0].fill(x[3:], 48, 0.5) is not None
