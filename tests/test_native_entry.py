@@ -507,8 +507,8 @@ def test_a_call_the_module_holds_is_not_described_again(native, monkeypatch):
 @pytest.mark.gpu
 def test_layer_calls_go_through_the_module(native):
     """FusedQKVLayer hands each step geometry to the module through the entry point at its
-    second call; its later calls are the module's, and a weight changed in place (``module.to()``) sends
-    the call back to the validated path."""
+    second call; its later calls are the module's, and a weight changed in place
+    (``module.to()``) sends the call back to the validated path."""
     from kernels import FusedQKVLayer
     kw = _fixed("cuda", "vllm", 0)
     kw["q_weight"] = kw["q_weight"].float()

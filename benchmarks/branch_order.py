@@ -1,0 +1,145 @@
+"""Does the Inductor trampoline's code layout cost time?  (GPU, CUDA-graph replays.)
+
+    python benchmarks/branch_order.py [--shapes glm-4.5,qwen3-8b] [--tokens 16,256,4096]
+
+The trampoline (``fusion_pass.inductor_launch.fused_qkv_inductor_kernel``) holds three
+copies of the op's call (small-T tile; large-T int32; large-T int64), 2-3x the op's code,
+and its large-T branch ran 5% behind the op with the same tile and registers.  This times
+direct launches of the op and of the trampoline with its branches in different source orders
+(T not specialised, as Inductor passes a dynamic T), at T where each branch runs:
+
+- ``op``: the op's launch (as the entry point makes it);
+- ``one``: the trampoline with only the branch this T takes (``SWITCH_T`` = 0 and this T's
+  tile: a static-T build);
+- ``now``: the three branches as in the source today (large-T first, small-T last);
+- ``small1st``: small-T branch first, then int32, then int64;
+- ``i32first``: int32 large-T first, then small-T, then int64;
+- ``now+debug``: ``now`` compiled with ``debug=True, sanitize_overflow=False``, as
+  Inductor compiles user kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import statistics
+import sys
+import textwrap
+
+os.environ.setdefault("FUSED_QKV_NATIVE", "0")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from arg_cost import _load_module, recorded_launch  # noqa: E402
+from bench_op import bench, make_inputs  # noqa: E402
+
+from fusion_pass import inductor_launch as il  # noqa: E402
+from kernels import triton_kernel as tk  # noqa: E402
+
+
+def variants() -> dict:
+    """JIT functions of the trampoline with its three calls in other orders."""
+    src = textwrap.dedent(inspect.getsource(il.fused_qkv_inductor_kernel.fn))
+    head, rest = src.split("    if SWITCH_T > 0:\n", 1)
+    calls = re.findall(r"( *)fused_qkv_kernel\((.*?)\n\1\)", rest, re.S)
+    assert len(calls) == 3, len(calls)
+    body = ["fused_qkv_kernel(" + textwrap.dedent(c[1]).strip("\n") + "\n)" for c in calls]
+    i64, i32, small = body
+
+    def ind(text, n):
+        return textwrap.indent(text, " " * n)
+
+    orders = {
+        "small1st": ("    if SWITCH_T == 0 or T < SWITCH_T:\n" + ind(small, 8) + "\n"
+                     "    elif T < BIG_INT32_BELOW:\n" + ind(i32, 8) + "\n"
+                     "    else:\n" + ind(i64, 8) + "\n"),
+        "i32first": ("    if SWITCH_T > 0 and T >= SWITCH_T and T < BIG_INT32_BELOW:\n"
+                     + ind(i32, 8) + "\n"
+                     "    elif SWITCH_T == 0 or T < SWITCH_T:\n" + ind(small, 8) + "\n"
+                     "    else:\n" + ind(i64, 8) + "\n"),
+    }
+    out = {}
+    for name, tail in orders.items():
+        text = head.replace("def fused_qkv_inductor_kernel(", f"def tramp_{name}(") + tail
+        text = text.replace("@triton.jit\n", "")
+        mod_src = ("import triton\nimport triton.language as tl\n"
+                   "import fusion_pass.inductor_launch as _il\n"
+                   "globals().update({k: v for k, v in vars(_il).items() "
+                   "if not k.startswith('__')})\n\n\n"
+                   f"@triton.jit(do_not_specialize=['T'])\n" + text)
+        out[name] = getattr(_load_module(mod_src, f"tramp_{name}"), f"tramp_{name}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="glm-4.5,qwen3-8b")
+    ap.add_argument("--tokens", default="16,256,4096")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    now = triton.jit(do_not_specialize=["T"])(il.fused_qkv_inductor_kernel.fn)
+    var = variants()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{triton.__version__}  CUDA-graph replays, us a launch, median of {a.repeats}\n")
+    print("| shape | T | op | one | now | small1st | i32first | now+debug | regs | ok |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for shape in a.shapes.split(","):
+        for t in map(int, a.tokens.split(",")):
+            inp, kw, _ = make_inputs(shape, t, False)
+            grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
+            none = {k: v for k, v in opts.items() if k != "maxnreg"}
+            base = {k: v for k, v in params.items() if k not in ("k_cache", "v_cache", "PDL")}
+            base.update(k_base=params["k_cache"], v_base=params["v_cache"], V_IN_K_BASE=False,
+                        CACHE_FP8=0, K_OFF=0, V_OFF=0)
+            one = dict(base, SWITCH_T=0, BIG_BLOCK_T=1, BIG_INT32_BELOW=0, WIDE_BLOCK_T=1)
+            # the dynamic build: the small-T tile is this T's only below 64 (the benchmark
+            # T); above, run the large-T branch with this T's tile as its BIG_BLOCK_T
+            switch = 64
+            if t >= switch:
+                small = tk.tile_plan(16, *_shape_args(params))
+                dyn = dict(base, **dict(small.constexprs, EARLY=True), SWITCH_T=switch,
+                           BIG_BLOCK_T=params["BLOCK_T"], BIG_INT32_BELOW=1 << 30,
+                           WIDE_BLOCK_T=small.block_t)
+            else:
+                dyn = dict(base, SWITCH_T=switch, BIG_BLOCK_T=2, BIG_INT32_BELOW=1 << 30,
+                           WIDE_BLOCK_T=params["BLOCK_T"])
+            calls = {
+                "op": lambda: tk.fused_qkv_kernel[grid](**params, **opts),
+                "one": lambda: il.fused_qkv_inductor_kernel[grid](**one, **none),
+                "now": lambda: now[grid](**dyn, **none),
+                "small1st": lambda: var["small1st"][grid](**dyn, **none),
+                "i32first": lambda: var["i32first"][grid](**dyn, **none),
+                "now+debug": lambda: now[grid](**dyn, **none, debug=True,
+                                               sanitize_overflow=False),
+            }
+            q, outs, regs = params["q_out"], {}, []
+            for k, fn in calls.items():
+                q.fill_(float("nan"))
+                kern = fn()
+                torch.cuda.synchronize()
+                outs[k] = q.clone()
+                regs.append(str(getattr(kern, "n_regs", "?")))
+            ok = all(torch.equal(outs["op"], v) for v in outs.values())
+            times = {k: [] for k in calls}
+            for _ in range(a.repeats):
+                for k, fn in calls.items():
+                    times[k].append(bench(fn, graph=True) * 1e3)
+            m = {k: statistics.median(v) for k, v in times.items()}
+            print(f"| {shape} | {t} | " + " | ".join(f"{m[k]:.2f}" for k in calls)
+                  + f" | {'/'.join(regs)} | {ok} |", flush=True)
+
+
+def _shape_args(p: dict) -> tuple:
+    """tile_plan's arguments after T, from a recorded launch's constexprs."""
+    return (p["HQ"], p["HKV"], p["D"], p["R"], p["WRITE_Q"], p["NKB"] > 0, p["NVB"] > 0,
+            p["WRITE_G"], p["IS_NEOX"])
+
+
+if __name__ == "__main__":
+    main()
