@@ -101,6 +101,26 @@ def recorded_launch(inp, kw):
     return grid, params, opts
 
 
+def side_by_side(calls: dict, q_out: torch.Tensor, repeats: int) -> tuple[dict, list, bool]:
+    """Run each launch of ``calls`` once, its Q output poisoned first, then time them all in
+    ``repeats`` alternating rounds of CUDA-graph replays: (median us by name, registers a
+    thread, whether every launch wrote the first one's Q)."""
+    outs, regs = {}, []
+    for k, fn in calls.items():
+        q_out.fill_(float("nan"))
+        kern = fn()
+        torch.cuda.synchronize()
+        outs[k] = q_out.clone()
+        regs.append(str(getattr(kern, "n_regs", "?")))
+    first = next(iter(outs.values()))
+    ok = all(torch.equal(first, v) for v in outs.values())
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            times[k].append(bench(fn, graph=True) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}, regs, ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="glm-4.5,qwen3-8b,qwen3-next")
@@ -124,8 +144,8 @@ def main() -> None:
 
     variants = {"const": const_variant(FIXED), "const+T": const_variant(FIXED + ("T",))}
     print("\n## the op (vLLM form, NHD): runtime fixed arguments vs constexprs\n")
-    print("| shape | T | op | const | const+T | copy | op - const |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| shape | T | op | const | const+T | copy | op - const | same Q |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for shape in a.shapes.split(","):
         for t in map(int, a.tokens.split(",")):
             inp, kw, cache_bytes = make_inputs(shape, t, False)
@@ -138,14 +158,10 @@ def main() -> None:
             }
             hq, hkv, d, r, gated = (kw[k] for k in ("hq", "hkv", "d", "r", "gated"))
             nbytes = floor_bytes(t, hq, hkv, d, r, gated, cache_bytes)
-            times = {k: [] for k in list(calls) + ["copy"]}
-            for _ in range(a.repeats):
-                for k, fn in calls.items():
-                    times[k].append(bench(fn, graph=True) * 1e3)
-                times["copy"].append(copy_floor_us(nbytes))
-            m = {k: statistics.median(v) for k, v in times.items()}
+            m, regs, ok = side_by_side(calls, params["q_out"], a.repeats)
+            copy = statistics.median(copy_floor_us(nbytes) for _ in range(a.repeats))
             print(f"| {shape} | {t} | {m['op']:.2f} | {m['const']:.2f} | {m['const+T']:.2f} | "
-                  f"{m['copy']:.2f} | {m['op'] - m['const']:+.2f} |", flush=True)
+                  f"{copy:.2f} | {m['op'] - m['const']:+.2f} | {ok} |", flush=True)
 
 
 if __name__ == "__main__":

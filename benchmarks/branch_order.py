@@ -23,7 +23,6 @@ import argparse
 import inspect
 import os
 import re
-import statistics
 import sys
 import textwrap
 
@@ -35,8 +34,8 @@ import triton  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arg_cost import _load_module, recorded_launch  # noqa: E402
-from bench_op import bench, make_inputs  # noqa: E402
+from arg_cost import _load_module, recorded_launch, side_by_side  # noqa: E402
+from bench_op import make_inputs  # noqa: E402
 
 from fusion_pass import inductor_launch as il  # noqa: E402
 from kernels import triton_kernel as tk  # noqa: E402
@@ -118,19 +117,7 @@ def main() -> None:
                 "now+debug": lambda: now[grid](**dyn, **none, debug=True,
                                                sanitize_overflow=False),
             }
-            q, outs, regs = params["q_out"], {}, []
-            for k, fn in calls.items():
-                q.fill_(float("nan"))
-                kern = fn()
-                torch.cuda.synchronize()
-                outs[k] = q.clone()
-                regs.append(str(getattr(kern, "n_regs", "?")))
-            ok = all(torch.equal(outs["op"], v) for v in outs.values())
-            times = {k: [] for k in calls}
-            for _ in range(a.repeats):
-                for k, fn in calls.items():
-                    times[k].append(bench(fn, graph=True) * 1e3)
-            m = {k: statistics.median(v) for k, v in times.items()}
+            m, regs, ok = side_by_side(calls, params["q_out"], a.repeats)
             print(f"| {shape} | {t} | " + " | ".join(f"{m[k]:.2f}" for k in calls)
                   + f" | {'/'.join(regs)} | {ok} |", flush=True)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 os.environ.setdefault("FUSED_QKV_NATIVE", "0")
@@ -28,8 +27,8 @@ import triton  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arg_cost import recorded_launch  # noqa: E402
-from bench_op import bench, make_inputs  # noqa: E402
+from arg_cost import recorded_launch, side_by_side  # noqa: E402
+from bench_op import make_inputs  # noqa: E402
 
 from fusion_pass import inductor_launch as il  # noqa: E402
 from kernels import triton_kernel as tk  # noqa: E402
@@ -68,21 +67,7 @@ def main() -> None:
                 "static": lambda: il.fused_qkv_inductor_kernel[grid](**static, **none),
                 "donor": lambda: DONOR[grid](**donor, **none),
             }
-            outs = {}
-            regs = []
-            q = params["q_out"]
-            for k, fn in calls.items():
-                q.fill_(float("nan"))
-                kern = fn()
-                torch.cuda.synchronize()
-                outs[k] = q.clone()
-                regs.append(str(kern.n_regs) if kern is not None else "?")
-            ok = all(torch.equal(outs["op"], v) for v in outs.values())
-            times = {k: [] for k in calls}
-            for _ in range(a.repeats):
-                for k, fn in calls.items():
-                    times[k].append(bench(fn, graph=True) * 1e3)
-            m = {k: statistics.median(v) for k, v in times.items()}
+            m, regs, ok = side_by_side(calls, params["q_out"], a.repeats)
             print(f"| {shape} | {t} | {m['op']:.2f} | {m['op/none']:.2f} | {m['static']:.2f} "
                   f"| {m['donor']:.2f} | {'/'.join(regs)} | {ok} |", flush=True)
 
