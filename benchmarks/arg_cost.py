@@ -104,13 +104,14 @@ def recorded_launch(inp, kw):
 def side_by_side(calls: dict, q_out: torch.Tensor, repeats: int) -> tuple[dict, list, bool]:
     """Run each launch of ``calls`` once, its Q output poisoned first, then time them all in
     ``repeats`` alternating rounds of CUDA-graph replays: (median us by name, registers a
-    thread, whether every launch wrote the first one's Q)."""
+    thread, whether every launch wrote the first one's Q).  A call that returns a tensor
+    (a compiled module) returns its own Q."""
     outs, regs = {}, []
     for k, fn in calls.items():
         q_out.fill_(float("nan"))
         kern = fn()
         torch.cuda.synchronize()
-        outs[k] = q_out.clone()
+        outs[k] = (kern if isinstance(kern, torch.Tensor) else q_out).clone()
         regs.append(str(getattr(kern, "n_regs", "?")))
     first = next(iter(outs.values()))
     ok = all(torch.equal(first, v) for v in outs.values())

@@ -15,7 +15,11 @@ direct launches of the op and of the trampoline with its branches in different s
 - ``small1st``: small-T branch first, then int32, then int64;
 - ``i32first``: int32 large-T first, then small-T, then int64;
 - ``now+debug``: ``now`` compiled with ``debug=True, sanitize_overflow=False``, as
-  Inductor compiles user kernels.
+  Inductor compiles user kernels;
+- ``now+f64``: ``now`` taking eps and the weight offset as fp64 bits, converted in the kernel
+  as Inductor's fp64 float arguments are;
+- ``+pass``: ``bench_op.py``'s compiled module with the pass (dynamic T, first compiled at
+  T = 16; T = 1 gets a graph of its own), i.e. Inductor's own launch of the trampoline.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import inspect
 import os
 import re
+import struct
 import sys
 import textwrap
 
@@ -35,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arg_cost import _load_module, recorded_launch, side_by_side  # noqa: E402
-from bench_op import make_inputs  # noqa: E402
+from bench_op import make_inputs, unfused  # noqa: E402
 
+import fusion_pass  # noqa: E402
 from fusion_pass import inductor_launch as il  # noqa: E402
 from kernels import triton_kernel as tk  # noqa: E402
 
@@ -62,14 +68,24 @@ def variants() -> dict:
                      "    elif SWITCH_T == 0 or T < SWITCH_T:\n" + ind(small, 8) + "\n"
                      "    else:\n" + ind(i64, 8) + "\n"),
     }
+    # the order as now, eps and the weight offset taken as the bits of an fp64 (an int): the
+    # conversion Inductor's fp64 float arguments cost, in a direct launch
+    cvt = "tl.cast(eps, tl.float32), tl.cast(w_off, tl.float32)"
+    assert cvt in head
+    orders["f64"] = "    if SWITCH_T > 0:\n" + rest
+    heads = {"f64": head.replace(cvt, "_f64(eps), _f64(w_off)")}
     out = {}
     for name, tail in orders.items():
-        text = head.replace("def fused_qkv_inductor_kernel(", f"def tramp_{name}(") + tail
+        text = heads.get(name, head).replace("def fused_qkv_inductor_kernel(",
+                                             f"def tramp_{name}(") + tail
         text = text.replace("@triton.jit\n", "")
         mod_src = ("import triton\nimport triton.language as tl\n"
                    "import fusion_pass.inductor_launch as _il\n"
                    "globals().update({k: v for k, v in vars(_il).items() "
                    "if not k.startswith('__')})\n\n\n"
+                   "@triton.jit\ndef _f64(bits):\n"
+                   "    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)"
+                   "\n\n\n"
                    f"@triton.jit(do_not_specialize=['T'])\n" + text)
         out[name] = getattr(_load_module(mod_src, f"tramp_{name}"), f"tramp_{name}")
     return out
@@ -86,9 +102,16 @@ def main() -> None:
     var = variants()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{triton.__version__}  CUDA-graph replays, us a launch, median of {a.repeats}\n")
-    print("| shape | T | op | one | now | small1st | i32first | now+debug | regs | ok |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("| shape | T | op | one | now | small1st | i32first | now+debug | now+f64 | +pass | regs "
+          "| ok |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for shape in a.shapes.split(","):
+        # a fresh Dynamo: after one shape, the head counts (int arguments of unfused) would
+        # turn dynamic, and the pass fuses static head counts only
+        torch._dynamo.reset()
+        compiled = torch.compile(unfused, backend=fusion_pass.make_backend())
+        warm, wkw, _ = make_inputs(shape, 16, False)
+        compiled(*warm, **wkw, opaque=False)  # the dynamic-T graph, as bench_op.py compiles it
         for t in map(int, a.tokens.split(",")):
             inp, kw, _ = make_inputs(shape, t, False)
             grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
@@ -108,6 +131,7 @@ def main() -> None:
             else:
                 dyn = dict(base, SWITCH_T=switch, BIG_BLOCK_T=2, BIG_INT32_BELOW=1 << 30,
                            WIDE_BLOCK_T=params["BLOCK_T"])
+            f64 = dict(dyn, eps=_bits64(dyn["eps"]), w_off=_bits64(dyn["w_off"]))
             calls = {
                 "op": lambda: tk.fused_qkv_kernel[grid](**params, **opts),
                 "one": lambda: il.fused_qkv_inductor_kernel[grid](**one, **none),
@@ -116,10 +140,16 @@ def main() -> None:
                 "i32first": lambda: var["i32first"][grid](**dyn, **none),
                 "now+debug": lambda: now[grid](**dyn, **none, debug=True,
                                                sanitize_overflow=False),
+                "now+f64": lambda: var["f64"][grid](**f64, **none),
+                "+pass": lambda: compiled(*inp, **kw, opaque=False)[0],
             }
             m, regs, ok = side_by_side(calls, params["q_out"], a.repeats)
             print(f"| {shape} | {t} | " + " | ".join(f"{m[k]:.2f}" for k in calls)
                   + f" | {'/'.join(regs)} | {ok} |", flush=True)
+
+
+def _bits64(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def _shape_args(p: dict) -> tuple:
