@@ -121,6 +121,8 @@ class CachedLauncher:
         except (TypeError, ValueError):  # a stand-in without a signature (tests): dicts only
             params = ()
         self._is_const = [_is_constexpr(p) for p in params]
+        # where runtime argument i sits among all kernel arguments (_make_fill)
+        self._pos = tuple(k for k, c in enumerate(self._is_const) if not c)
         self._cnames = tuple(p.name for p, c in zip(params, self._is_const) if c)
         names = self._cnames  # dict -> tuple in kernel order, in one C call
         self._by_name = (operator.itemgetter(*names) if len(names) > 1 else
@@ -237,7 +239,7 @@ class CachedLauncher:
         if old is not None and (old.entry is entry or old.fills >= _MEMO_FILLS):
             return
         try:
-            fill = _make_fill(self._is_const, args, vals)
+            fill = _make_fill(self._pos, len(self._is_const), args, vals)
         except Exception:
             return  # an argument kind the memo does not cover: the key path every call
         memo[:] = [_Memo(self, dev, options, entry, fill, old.fills + 1 if old else 1)]
@@ -283,48 +285,57 @@ class _Memo:
             weakref.ref(owner), dev, options, entry, fill, fills
 
 
-def _make_fill(is_const: list, args: Sequence[Any], vals: tuple) -> Callable:
+def _make_fill(pos: tuple, nparams: int, args: Sequence[Any], vals: tuple) -> Callable:
     """Generated ``fill(*args)``: ``vals`` (the launcher's arguments of the call that filled
     the memo: kernel order, constexprs included, pointers as ints) with each tensor's pointer
     read anew; None when a tensor's dtype differs or a pointer that was a multiple of 16 no
     longer is (the kernel was compiled for both).  A tensor that was also an earlier argument
     (the packed qkv three times, the table standing in for absent pointers) is read once
-    while it still is."""
-    pos = [k for k, c in enumerate(is_const) if not c]  # runtime arg i sits at vals[pos[i]]
-    if len(pos) != len(args) or len(is_const) != len(vals):
+    while it still is.  ``pos[i]``: where runtime argument i sits among the kernel's
+    ``nparams`` parameters."""
+    if len(pos) != len(args) or len(vals) != nparams:
         raise ValueError("arguments and kernel parameters differ")
-    body, aligned, first, dtypes = [], [], {}, []
+    # fill() is made by a factory that takes the values; the factory's code depends only on
+    # this shape of call, which repeats for every new T: compiled once (exec ~0.4 ms, and
+    # building its source ~50 us, were most of a one-off call's cost)
+    tensors, first, dtypes = [], {}, []
     for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor):
-            continue
-        j = first.setdefault(id(a), i)
-        body.append(f"    p{i} = a{i}.data_ptr()" if j == i else
-                    f"    p{i} = p{j} if a{i} is a{j} else a{i}.data_ptr()")
-        body.append(f"    v[{pos[i]}] = p{i}")
-        if vals[pos[i]] % 16 == 0:
-            aligned.append(f"p{i}")
-        dtypes.append((f"a{i}.dtype", a.dtype))
-    check = f"        if ({' | '.join(aligned)}) & 15:\n            return None\n" \
-        if aligned else ""
-    # a factory of fill(), taking the values: its source repeats for every call of one shape
-    # (a new T, say), so it is compiled once (exec: ~0.4 ms, most of a one-off call's cost)
-    src = ("def make(_vals, _dtypes):\n"
-           f"    def fill({', '.join(f'a{i}' for i in range(len(args)))}):\n" +
-           (f"        if ({', '.join(e for e, _ in dtypes)},) != _dtypes:\n"
-            "            return None\n" if dtypes else "") +
-           "        v = list(_vals)\n" + "".join(f"    {line}\n" for line in body) + check +
-           "        return v\n    return fill\n")
-    make = _FILL_FACTORIES.get(src)
+        if isinstance(a, torch.Tensor):
+            tensors.append((i, first.setdefault(id(a), i), vals[pos[i]] % 16 == 0))
+            dtypes.append(a.dtype)
+    key = (pos, tuple(tensors))
+    make = _FILL_FACTORIES.get(key)
     if make is None:
-        ns: dict = {}
-        exec(src, ns)
         if len(_FILL_FACTORIES) >= 64:
             _FILL_FACTORIES.clear()
-        make = _FILL_FACTORIES[src] = ns["make"]
-    return make(tuple(vals), tuple(d for _, d in dtypes))
+        make = _FILL_FACTORIES[key] = _fill_factory(len(args), pos, tensors)
+    return make(tuple(vals), tuple(dtypes))
 
 
-_FILL_FACTORIES: dict = {}  # _make_fill's generated source -> its compiled factory
+def _fill_factory(nargs: int, pos: tuple, tensors: list) -> Callable:
+    """``make(vals, dtypes) -> fill`` for ``_make_fill``; ``tensors``: (argument index, index
+    of its first occurrence, whether its pointer was 16-aligned) for each tensor argument."""
+    body, aligned = [], []
+    for i, j, al in tensors:
+        body.append(f"        p{i} = a{i}.data_ptr()" if j == i else
+                    f"        p{i} = p{j} if a{i} is a{j} else a{i}.data_ptr()")
+        body.append(f"        v[{pos[i]}] = p{i}")
+        if al:
+            aligned.append(f"p{i}")
+    dtypes = ", ".join(f"a{i}.dtype" for i, _, _ in tensors)
+    src = ("def make(_vals, _dtypes):\n"
+           f"    def fill({', '.join(f'a{i}' for i in range(nargs))}):\n" +
+           (f"        if ({dtypes},) != _dtypes:\n            return None\n" if tensors else "")
+           + "        v = list(_vals)\n" + "".join(line + "\n" for line in body) +
+           (f"        if ({' | '.join(aligned)}) & 15:\n            return None\n"
+            if aligned else "") +
+           "        return v\n    return fill\n")
+    ns: dict = {}
+    exec(src, ns)
+    return ns["make"]
+
+
+_FILL_FACTORIES: dict = {}  # _make_fill's shape of call -> its compiled factory
 
 
 def _device_and_stream() -> tuple[Callable[[], int], Callable[[int], int]]:
