@@ -99,6 +99,11 @@ def run(call: OpCall) -> FusedQKV:
 # first.
 _KNOWN: dict = {}
 _KNOWN_MAX = 64
+# Signatures called before (keys only, no tensors), kept longer than _KNOWN: a signature's
+# second call is offered to the C++ module even where a cycle through more signatures than
+# _KNOWN holds evicted its remembered call meanwhile.
+_CALLED: dict = {}
+_CALLED_MAX = 1024
 _TENSOR_ARGS = frozenset(("q", "k", "v", "q_weight", "k_weight", "positions", "cos_sin_cache",
                           "cos", "sin", "key_cache", "value_cache", "slot_mapping", "k_scale",
                           "v_scale"))
@@ -181,6 +186,7 @@ class _KnownCall:
 def forget_calls() -> None:
     """Forget the remembered calls (tests that patch what a launch is built from)."""
     _KNOWN.clear()
+    _CALLED.clear()
     native_entry.forget()
 
 
@@ -253,7 +259,12 @@ def _python_call(qkv: Optional[Tensor], kwargs: dict, state: Optional[tuple],
             not _use_triton(call.head[0].device):
         return run(call)
     known = _remember(key, call, qkv is not None, kwargs.get("cos_sin_cache") is not None)
-    return _known_call(known, qkv, kwargs, state, offer_first)  # later calls' path, from now
+    offer = offer_first or key in _CALLED
+    if not offer:
+        if len(_CALLED) >= _CALLED_MAX:
+            _CALLED.clear()
+        _CALLED[key] = None
+    return _known_call(known, qkv, kwargs, state, offer)  # later calls' path, from now
 
 
 def _known_call(known: _KnownCall, qkv: Optional[Tensor], kwargs: dict,

@@ -425,4 +425,5 @@ def test_fill_code_is_compiled_once_per_shape_of_call(stub, monkeypatch):
     memo = []
     launch((1,), (x[1:], 48, 0.5), (True, 8), 4, memo=memo)  # unaligned: no alignment check
     assert len([s for s in compiles if "def make(" in s]) == 2
-    assert memo[0].fill(x[3:], 48, 0.5) is not None
+    got = memo[0].fill(x[3:], 48, 0.5)
+    assert got is not None and got[0] == x[3:].data_ptr()

@@ -459,6 +459,27 @@ def test_a_signature_is_offered_to_the_module_from_its_second_call(native, monke
     assert len(api._KNOWN) == 2
 
 
+def test_a_signature_is_offered_at_its_second_call_after_python_forgot_it(native, monkeypatch):
+    """A cycle through more signatures than the entry point remembers (``_KNOWN_MAX``)
+    evicts each remembered call before its next call: that call validates again, and it is
+    still the signature's second call, offered (a helper's review: otherwise such a cycle
+    never reached the module).  So is a call re-validated because the settings changed."""
+    offered = _record_offers(monkeypatch, native)
+    monkeypatch.setattr(_AsIfCuda, "__call__", lambda self, qkv, kw: None)  # no launches
+    kw = dict(_fixed("cpu", "vllm", 0), **_step("cpu", "vllm", 1))
+    n = api._KNOWN_MAX + 6
+    for round_ in range(2):
+        for i in range(n):
+            split_norm_rope_cache(**dict(kw, eps=1e-6 * (i + 1)))  # n signatures
+        assert len(offered) == n * round_
+    assert len(api._KNOWN) == api._KNOWN_MAX
+    split_norm_rope_cache(**dict(kw, eps=1.0))
+    (known,) = [k for k in api._KNOWN.values() if k not in offered]
+    monkeypatch.setattr(known.bound, "stale", lambda: True)  # e.g. a tile override
+    split_norm_rope_cache(**dict(kw, eps=1.0))
+    assert len(offered) == n + 1 and offered[-1] is not known
+
+
 def test_the_layer_offers_a_step_geometry_at_its_second_call(native, monkeypatch):
     """FusedQKVLayer: a step geometry the module does not hold runs the layer's own path at
     its first call and goes through the entry point, offered at once, at its second."""
