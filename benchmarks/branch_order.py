@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arg_cost import _load_module, recorded_launch, side_by_side  # noqa: E402
 from bench_op import make_inputs, unfused  # noqa: E402
+from static_small_t import DONOR, trampoline_kwargs  # noqa: E402
 
 import fusion_pass  # noqa: E402
 from fusion_pass import inductor_launch as il  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.manual_seed(0)
-    now = triton.jit(do_not_specialize=["T"])(il.fused_qkv_inductor_kernel.fn)
+    now = DONOR  # the trampoline, T not specialised (as Inductor passes a dynamic T)
     var = variants()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{triton.__version__}  CUDA-graph replays, us a launch, median of {a.repeats}\n")
@@ -116,21 +117,17 @@ def main() -> None:
             inp, kw, _ = make_inputs(shape, t, False)
             grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
             none = {k: v for k, v in opts.items() if k != "maxnreg"}
-            base = {k: v for k, v in params.items() if k not in ("k_cache", "v_cache", "PDL")}
-            base.update(k_base=params["k_cache"], v_base=params["v_cache"], V_IN_K_BASE=False,
-                        CACHE_FP8=0, K_OFF=0, V_OFF=0)
-            one = dict(base, SWITCH_T=0, BIG_BLOCK_T=1, BIG_INT32_BELOW=0, WIDE_BLOCK_T=1)
+            one = trampoline_kwargs(params, 0)
             # the dynamic build: the small-T tile is this T's only below 64 (the benchmark
             # T); above, run the large-T branch with this T's tile as its BIG_BLOCK_T
             switch = 64
             if t >= switch:
                 small = tk.tile_plan(16, *_shape_args(params))
-                dyn = dict(base, **dict(small.constexprs, EARLY=True), SWITCH_T=switch,
-                           BIG_BLOCK_T=params["BLOCK_T"], BIG_INT32_BELOW=1 << 30,
-                           WIDE_BLOCK_T=small.block_t)
+                dyn = dict(trampoline_kwargs(params, switch),
+                           **dict(small.constexprs, EARLY=True), BIG_BLOCK_T=params["BLOCK_T"],
+                           BIG_INT32_BELOW=1 << 30, WIDE_BLOCK_T=small.block_t)
             else:
-                dyn = dict(base, SWITCH_T=switch, BIG_BLOCK_T=2, BIG_INT32_BELOW=1 << 30,
-                           WIDE_BLOCK_T=params["BLOCK_T"])
+                dyn = dict(trampoline_kwargs(params, switch), BIG_INT32_BELOW=1 << 30)
             f64 = dict(dyn, eps=_bits64(dyn["eps"]), w_off=_bits64(dyn["w_off"]))
             calls = {
                 "op": lambda: tk.fused_qkv_kernel[grid](**params, **opts),

@@ -37,6 +37,8 @@ DONOR = triton.jit(do_not_specialize=["T"])(il.fused_qkv_inductor_kernel.fn)
 
 
 def trampoline_kwargs(params: dict, switch: int) -> dict:
+    """The trampoline's arguments for the op's recorded launch ``params`` (its tile below
+    ``switch``; the caches as their own bases)."""
     kw = {k: v for k, v in params.items() if k not in ("k_cache", "v_cache", "PDL")}
     kw.update(k_base=params["k_cache"], v_base=params["v_cache"], V_IN_K_BASE=False,
               CACHE_FP8=0, SWITCH_T=switch, BIG_BLOCK_T=2, BIG_INT32_BELOW=1 << 20,
