@@ -71,10 +71,11 @@ def variants() -> dict:
     }
     # the order as now, eps and the weight offset taken as the bits of an fp64 (an int): the
     # conversion Inductor's fp64 float arguments cost, in a direct launch
-    cvt = "tl.cast(eps, tl.float32), tl.cast(w_off, tl.float32)"
-    assert cvt in head
+    cvt = re.search(r" *eps32 = .*\n *w_off32 = .*\n", head)
+    assert cvt, "the trampoline's eps / w_off conversion moved"
     orders["f64"] = "    if SWITCH_T > 0:\n" + rest
-    heads = {"f64": head.replace(cvt, "_f64(eps), _f64(w_off)")}
+    heads = {"f64": head.replace(cvt.group(0),
+                                 "    eps32, w_off32 = _f64(eps), _f64(w_off)\n")}
     out = {}
     for name, tail in orders.items():
         text = heads.get(name, head).replace("def fused_qkv_inductor_kernel(",
@@ -128,7 +129,7 @@ def main() -> None:
                            BIG_INT32_BELOW=1 << 30, WIDE_BLOCK_T=small.block_t)
             else:
                 dyn = dict(trampoline_kwargs(params, switch), BIG_INT32_BELOW=1 << 30)
-            f64 = dict(dyn, eps=_bits64(dyn["eps"]), w_off=_bits64(dyn["w_off"]))
+            f64 = dict(dyn, eps=_bits64(params["eps"]), w_off=_bits64(params["w_off"]))
             calls = {
                 "op": lambda: tk.fused_qkv_kernel[grid](**params, **opts),
                 "one": lambda: il.fused_qkv_inductor_kernel[grid](**one, **none),

@@ -6,7 +6,9 @@
 #   PROFILE=1 (host-overhead profile)   HF=1 (Hugging Face model tests, ~7 min; HF_TIMEOUT=540)
 #   LAUNCH_CHECK=1 (Inductor-launch check table, ~1 min; LAUNCH_CHECK="--forms all --budget 0": every form)
 #   FLOORS="1,16,64,256" (the op beside its floors, ~30 s)   STRIDED=1 (strided_read.py, ~20 s)
-#   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls)
+#   NCU="qwen3-next 65536 no-gate" (Nsight Compute of one launch: speed of light, memory, stalls;
+#     ";" between runs, "pass" for the compiled module; NCU_METRICS="a,b" adds metrics,
+#     NCU_SECTIONS="--section X" replaces the sections, NCU_CACHE=all flushes caches first)
 #   INDEX32="1,64,4096,65536" (the op with int64 offsets, then the default int32 ones where they fit, at these T, NHD, ~2 min)
 #   PROFILE_KERNELS="glm-4.5:65536 qwen3-8b:16384" (profile_kernels.py: op vs +pass kernels, grid, registers, ~25 s each)
 set -uo pipefail
@@ -60,8 +62,15 @@ for sk in ${PROFILE_KERNELS:-}; do
     | grep -v "^W1\|^  warn\|UserWarning\|_warn_once" | tee -a "$OUT/profile_kernels.txt"
 done
 if [ -n "${NCU:-}" ]; then
-  timeout 300 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section Occupancy --section LaunchStats -k regex:fused_qkv \
-    --launch-skip 2 -c 1 python3 benchmarks/ncu_one.py $NCU > "$OUT/ncu.txt" 2>&1
-  tail -60 "$OUT/ncu.txt"
+  # several ";"-separated runs (e.g. "glm-4.5 256; glm-4.5 256 pass"), one file each
+  i=0; IFS=';' read -ra NCU_RUNS <<< "$NCU"
+  for run in "${NCU_RUNS[@]}"; do
+    timeout 300 ncu --clock-control none --cache-control ${NCU_CACHE:-none} \
+      --profile-from-start off ${NCU_METRICS:+--metrics $NCU_METRICS} \
+      ${NCU_SECTIONS:---section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats \
+      --section SchedulerStats} -k regex:fused_qkv --launch-skip 2 -c 1 \
+      python3 benchmarks/ncu_one.py $run > "$OUT/ncu-$i.txt" 2>&1
+    grep -v "^W1\|^  warn" "$OUT/ncu-$i.txt" | tail -${NCU_TAIL:-120}; i=$((i + 1))
+  done
 fi

@@ -64,17 +64,14 @@ def capture(name: str, t: int, gate: bool):
     return grid, args, consts, warps
 
 
-def compile_sm90(fn, kw: dict, num_warps: int, fp64: tuple = (),
-                 maxnreg: Optional[int] = None):
+def compile_sm90(fn, kw: dict, num_warps: int, maxnreg: Optional[int] = None):
     """``fn`` (a ``@triton.jit`` kernel) compiled for sm_90 with these arguments by name;
-    the float arguments named in ``fp64`` typed fp64, as Inductor types Python floats;
     ``maxnreg``: ptxas's register budget (None: its own choice)."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(**kw, num_warps=num_warps)
     options, signature, constexprs, attrs = fn._pack_args(backend, {"num_warps": num_warps},
                                                           bound, spec, options)
-    signature.update({n: "fp64" for n in fp64})
     opts = dict(options.__dict__, maxnreg=maxnreg)
     return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                           options=opts)
@@ -104,7 +101,8 @@ def trampoline_args(shape: str, op: dict) -> tuple[dict, int]:
     kw.update(k_base=op["k_cache"], v_base=op["v_cache"], T=op["T"] | 1, IDX64=False,
               PDL=False, V_IN_K_BASE=False, CACHE_FP8=0,
               SWITCH_T=p.switch_t, BIG_BLOCK_T=p.big_block_t, BIG_INT32_BELOW=1 << 20,
-              WIDE_BLOCK_T=p.tiles.block_t, K_OFF=0, V_OFF=0)
+              WIDE_BLOCK_T=p.tiles.block_t, K_OFF=0, V_OFF=0,
+              eps=il.f32_bits(op["eps"]), w_off=il.f32_bits(op["w_off"]))  # as kernel_kwargs
     return kw, p.tiles.num_warps
 
 
@@ -194,7 +192,7 @@ def main():
     if a.trampoline:
         from fusion_pass.inductor_launch import fused_qkv_inductor_kernel
         kw, tw = trampoline_args(a.shape, op)
-        tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw, fp64=("eps", "w_off"))
+        tk = compile_sm90(fused_qkv_inductor_kernel, kw, tw)
         print(f"{a.shape} trampoline (dynamic T) warps={tw}:",
               " ".join(f"{n}={v}" for n, v in stats(tk).items()))
         dumps["trampoline"] = tk

@@ -38,11 +38,13 @@ DONOR = triton.jit(do_not_specialize=["T"])(il.fused_qkv_inductor_kernel.fn)
 
 def trampoline_kwargs(params: dict, switch: int) -> dict:
     """The trampoline's arguments for the op's recorded launch ``params`` (its tile below
-    ``switch``; the caches as their own bases)."""
+    ``switch``; the caches as their own bases; eps and the weight offset as fp32 bits, as
+    ``inductor_launch.kernel_kwargs`` passes them)."""
     kw = {k: v for k, v in params.items() if k not in ("k_cache", "v_cache", "PDL")}
     kw.update(k_base=params["k_cache"], v_base=params["v_cache"], V_IN_K_BASE=False,
               CACHE_FP8=0, SWITCH_T=switch, BIG_BLOCK_T=2, BIG_INT32_BELOW=1 << 20,
-              WIDE_BLOCK_T=params["BLOCK_T"], K_OFF=0, V_OFF=0)
+              WIDE_BLOCK_T=params["BLOCK_T"], K_OFF=0, V_OFF=0,
+              eps=il.f32_bits(params["eps"]), w_off=il.f32_bits(params["w_off"]))
     return kw
 
 

@@ -30,9 +30,11 @@ Why a trampoline kernel (``fused_qkv_inductor_kernel``) around ``fused_qkv_kerne
 * a ``uint8`` cache holding fp8 bytes cannot be re-viewed in the graph (the view would be
   cloned too): the trampoline bitcasts the pointer (``CACHE_FP8``);
 * Inductor types Python float kernel args as fp64 (``config._use_fp64_for_unbacked_floats``,
-  on outside fbcode), which would turn the norm math into fp64: the trampoline converts
-  ``eps`` and ``w_off`` to fp32 once.  (As constexprs they cost ptxas registers: GLM-4.5's
-  large-T tile took 42 a thread against the op's 40 on the H200, one block less a
+  on outside fbcode), and their conversion to fp32 in the kernel (two F2F.F32.F64 on sm_90)
+  cost 0.14-0.16 us a launch at T = 1 and 256 on an H200 (``benchmarks/inductor_replay.py``,
+  GLM-4.5): ``eps`` and ``w_off`` travel as the bits of their fp32 values (``f32_bits``), an
+  int Inductor types i32, bitcast back in the kernel.  (As constexprs they cost ptxas
+  registers: GLM-4.5's large-T tile took 42 a thread against the op's 40, one block less a
   multiprocessor.)
 
 What Inductor believes the kernel writes comes from its TTIR analysis, not from
@@ -139,7 +141,9 @@ def fused_qkv_inductor_kernel(
     past ``BIG_INT32_BELOW``, 74,897 tokens for GLM-4.5 with the benchmark's caches.  (With
     Triton 3.6, the H200 image's, GLM-4.5 took 42 until eps and the weight offset stopped
     being constexprs; the register test compiles with both versions.)"""
-    eps32, w_off32 = tl.cast(eps, tl.float32), tl.cast(w_off, tl.float32)  # fp64 from Inductor
+    # eps and w_off: fp32 bits (f32_bits); tl.cast, as an argument of 1 arrives as a constexpr
+    eps32 = tl.cast(eps, tl.int32).to(tl.float32, bitcast=True)
+    w_off32 = tl.cast(w_off, tl.int32).to(tl.float32, bitcast=True)
     # base + a constant: folded into the stores' addresses (0 for a cache that is its own
     # graph input)
     k_cache = k_base + K_OFF
@@ -346,6 +350,12 @@ def plan(T, *, hq: int, hkv: int, d: int, rotary_dim: int, write_q: bool, run_k:
     return Plan(tiles, switch, big)
 
 
+def f32_bits(x: float) -> int:
+    """``x`` rounded to fp32 (to nearest, as the op's own launch rounds it), its bits as a
+    signed int32: how the trampoline takes ``eps`` and ``w_off`` (see the module's notes)."""
+    return int(torch.tensor(float(x), dtype=torch.float32).view(torch.int32).item())
+
+
 def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_k_base: bool,
                   cache_fp8: int, fp8: Optional[torch.dtype], has_cache: bool, geom: dict,
                   scalars: dict, launch: Plan, dummy, interp: bool = False) -> dict:
@@ -364,7 +374,7 @@ def kernel_kwargs(a: dict, *, T, outs: dict, k_base, v_base, k_off, v_off, v_in_
         q_src_stride=scalars["q_src_stride"], k_src_stride=scalars["k_src_stride"],
         v_src_stride=scalars["v_src_stride"], q_col=a["q_col"], k_col=a["k_col"],
         v_col=a["v_col"], q_w=opt(a["q_weight"]), k_w=opt(a["k_weight"]),
-        eps=float(a["eps"]), w_off=float(a["weight_offset"]),
+        eps=f32_bits(a["eps"]), w_off=f32_bits(a["weight_offset"]),
         cos_ptr=a["cos"], sin_ptr=a["sin"], cos_stride=scalars["cos_stride"],
         sin_stride=scalars["sin_stride"], pos_ptr=opt(a["positions"]),
         table_rows=scalars["table_rows"],

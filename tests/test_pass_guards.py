@@ -86,6 +86,20 @@ def test_dynamic_tiles_option_is_checked():
         fusion_pass.make_backend(dynamic_tiles=None)
 
 
+@pytest.mark.parametrize("x", [1e-6, 1e-5, 0.0, 1.0, -0.5, 3.4e38, 1e39, 1e-45])
+def test_trampoline_floats_travel_as_fp32_bits(x):
+    """eps and the weight offset reach Inductor's launch as the int32 bits of their fp32
+    rounding (Inductor would type a float fp64): the kernel's bitcast gives back exactly
+    what the op's own launch (a Python float, typed fp32) computes with."""
+    from fusion_pass.inductor_launch import f32_bits
+
+    bits = f32_bits(x)
+    assert isinstance(bits, int) and -2 ** 31 <= bits < 2 ** 31
+    back = torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+    assert back == torch.tensor(x, dtype=torch.float32).item()
+    assert f32_bits(-0.0) != f32_bits(0.0)  # the sign bit survives (negative int32)
+
+
 def test_inductor_launch_failure_falls_back_to_custom_op(monkeypatch, caplog):
     """A bug in the Inductor-launch builder costs the launch path, not the fusion."""
     from fusion_pass import inductor_launch
