@@ -1,0 +1,143 @@
+"""How fast can the op's own loads and stores go, with no arithmetic?  (GPU, CUDA graphs.)
+
+    python benchmarks/movement_floor.py [--cases glm-4.5:64,glm-4.5:256,qwen3-8b:64]
+
+At small T the op is latency-bound, and a plain copy of its bytes (``copy``, as in
+``bench_op.py``) moves them contiguously, which the op cannot: it reads head rows of the
+projection and writes K/V rows to scattered cache slots.  This times, side by side, us a
+launch:
+
+- ``op``: the op's launch (the entry point's, as ``bench_op.py``'s ``fused``);
+- ``move``: a kernel that does only the op's data movement, with the op's tile and grid:
+  each program loads its (token, head) rows of Q, K or V and stores them to the Q output or
+  to the cache rows its tokens' slots select; no norm, no rope, no table;
+- ``+norm``: ``move`` with the RMS norm's reduction and scaling (fp32) on every row;
+- ``move best``, ``+norm best``: the fastest ``move`` / ``+norm`` over tiles of 1-4 tokens,
+  1-8 heads and 1-8 warps (its tile printed);
+- ``copy``: a contiguous device-to-device copy of the op's bytes.
+
+``op - +norm`` is what the rope, the cos/sin table and the op's own layout cost; ``move best``
+is a floor for any kernel of this op's layout on this card, ``+norm best`` one for any that
+also normalises each row in one pass.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+os.environ.setdefault("FUSED_QKV_NATIVE", "0")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from arg_cost import recorded_launch  # noqa: E402
+from bench_op import bench, copy_floor_us, floor_bytes, make_inputs, SHAPES  # noqa: E402
+
+from kernels import triton_kernel as tk  # noqa: E402
+
+
+@triton.jit
+def _rows(src, src_off, dst, dst_off, m, d, D: tl.constexpr, NORM: tl.constexpr):
+    x = tl.load(src + src_off[:, None] + d[None, :], mask=m[:, None])
+    if NORM:
+        xf = x.to(tl.float32)
+        xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / D + 1e-6)[:, None]
+        x = xf.to(dst.dtype.element_ty)
+    tl.store(dst + dst_off[:, None] + d[None, :], x, mask=m[:, None])
+
+
+@triton.jit
+def _move(qkv, q_out, k_cache, v_cache, slots, T, stride,
+          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_H: tl.constexpr, NQB: tl.constexpr, NKB: tl.constexpr, NORM: tl.constexpr):
+    """The op's grid (one axis, head tiles fastest) and row movement, NHD caches."""
+    pid = tl.program_id(0)
+    pid_t = pid // (NQB + 2 * NKB)
+    pid_h = pid % (NQB + 2 * NKB)
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    d = tl.arange(0, D)
+    t = pid_t * BLOCK_T + r // BLOCK_H
+    if pid_h < NQB:
+        h = pid_h * BLOCK_H + r % BLOCK_H
+        m = (t < T) & (h < HQ)
+        _rows(qkv, t * stride + h * D, q_out, (t * HQ + h) * D, m, d, D, NORM)
+    else:
+        kv = pid_h - NQB
+        is_v = (kv >= NKB).to(tl.int32)
+        h = (kv - NKB * is_v) * BLOCK_H + r % BLOCK_H
+        m = (t < T) & (h < HKV)
+        slot = tl.load(slots + t, mask=m, other=0)
+        dst_off = (slot * HKV + h) * D
+        src_off = t * stride + (HQ + HKV * is_v) * D + h * D
+        if is_v == 1:
+            _rows(qkv, src_off, v_cache, dst_off, m, d, D, False)
+        else:
+            _rows(qkv, src_off, k_cache, dst_off, m, d, D, NORM)
+
+
+def move_call(inp, kw, block_t, block_h, warps, norm):
+    """(launch, its Q output) of ``_move`` on ``bench_op.make_inputs``' inputs."""
+    qkv, _, _, _, _, kc, vc, slots = inp[:8]
+    hq, hkv, d, t = kw["hq"], kw["hkv"], kw["d"], qkv.shape[0]
+    q_out = torch.empty(t, hq, d, device=qkv.device, dtype=qkv.dtype)
+    nqb, nkb = triton.cdiv(hq, block_h), triton.cdiv(hkv, block_h)
+    grid = (triton.cdiv(t, block_t) * (nqb + 2 * nkb),)
+
+    def call():
+        _move[grid](qkv, q_out, kc, vc, slots, t, qkv.stride(0), HQ=hq, HKV=hkv, D=d,
+                    BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb, NKB=nkb, NORM=norm,
+                    num_warps=warps)
+    return call, q_out
+
+
+def check_move(inp, kw, tile) -> None:
+    """``move`` writes Q and the slots' cache rows as they are in the projection."""
+    qkv, _, _, _, _, kc, vc, slots = inp[:8]
+    hq, hkv, d = kw["hq"], kw["hkv"], kw["d"]
+    kc.normal_(), vc.normal_()
+    call, q_out = move_call(inp, kw, *tile, False)
+    q_out.fill_(float("nan"))
+    call()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+    assert torch.equal(q_out.flatten(1), q)
+    assert torch.equal(kc.view(-1, hkv * d)[slots], k)
+    assert torch.equal(vc.view(-1, hkv * d)[slots], v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="glm-4.5:64,glm-4.5:256,qwen3-8b:64")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{triton.__version__}  CUDA-graph replays, us a launch (medians)\n")
+    print("| shape | T | op | move | +norm | move best (T, H, warps) | +norm best | copy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for case in a.cases.split(","):
+        shape, t = case.split(":")
+        t = int(t)
+        inp, kw, cbytes = make_inputs(shape, t, False)
+        assert not kw["gated"] and not kw["fp8"], "NHD bf16 shapes only"
+        grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
+        tile = (params["BLOCK_T"], params["BLOCK_H"], opts["num_warps"])
+        check_move(inp, kw, tile)
+        op = bench(lambda: tk.fused_qkv_kernel[grid](**params, **opts), graph=True) * 1e3
+        move = bench(move_call(inp, kw, *tile, False)[0], graph=True) * 1e3
+        norm = bench(move_call(inp, kw, *tile, True)[0], graph=True) * 1e3
+        tiles = list(itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8)))
+        best, nbest = (min((bench(move_call(inp, kw, *tl_, nm)[0], graph=True) * 1e3, tl_)
+                           for tl_ in tiles) for nm in (False, True))
+        hq, hkv, d, r, gated, _ = SHAPES[shape]
+        copy = copy_floor_us(floor_bytes(t, hq, hkv, d, r, gated, cbytes))
+        print(f"| {shape} | {t} | {op:.2f} | {move:.2f} | {norm:.2f} | {best[0]:.2f} "
+              f"{best[1]} | {nbest[0]:.2f} {nbest[1]} | {copy:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
