@@ -14,6 +14,10 @@ launch:
 - ``+norm``: ``move`` with the RMS norm's reduction and scaling (fp32) on every row;
 - ``move best``, ``+norm best``: the fastest ``move`` / ``+norm`` over tiles of 1-4 tokens,
   1-8 heads and 1-8 warps (its tile printed);
+- ``row rope``, ``row rope best``: the op's whole work (norm, NeoX rope from the table,
+  Q out, K/V to the cache) on whole-row tiles (``_rope_kernel``), its rope partners taken
+  from a reshape of the row (a layout conversion through shared memory on sm_90): in the
+  op's tile and the best of ``ROPE_TILES``; checked against the op first;
 - ``copy``: a contiguous device-to-device copy of the op's bytes.
 
 ``op - +norm`` is what the rope, the cos/sin table and the op's own layout cost; ``move best``
@@ -81,6 +85,101 @@ def _move(qkv, q_out, k_cache, v_cache, slots, T, stride,
             _rows(qkv, src_off, k_cache, dst_off, m, d, D, NORM)
 
 
+@triton.jit
+def _norm_rope_row(src, src_off, dst, dst_off, m, d, w_ptr, cos_ptr, row, j,
+                   D: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):
+    """One-pass RMS norm and NeoX rope on whole-row tiles: each element's rope partner comes
+    from a reshape of the row (within the warp), not from a second tile or load."""
+    HALF: tl.constexpr = R // 2
+    NB: tl.constexpr = D // R  # rotary block, then tail blocks of R columns
+    rows: tl.constexpr = src_off.shape[0]
+    c = tl.load(cos_ptr + row[:, None] * R + j[None, :], mask=m[:, None], other=1.0)
+    sn = tl.load(cos_ptr + row[:, None] * R + HALF + j[None, :], mask=m[:, None], other=0.0)
+    w = tl.load(w_ptr + d).to(tl.float32)
+    x = tl.load(src + src_off[:, None] + d[None, :], mask=m[:, None]).to(tl.float32)
+    x = x * (tl.rsqrt(tl.sum(x * x, axis=1) / D + 1e-6)[:, None] * w[None, :])
+    if ROPE:
+        x4 = tl.permute(tl.reshape(x, [rows, NB, 2, HALF]), (0, 1, 3, 2))
+        lo, hi = tl.split(x4)  # [rows, NB, HALF]: first and second half of each block
+        blk = tl.arange(0, NB)[None, :, None]
+        cb = tl.where(blk == 0, c[:, None, :], 1.0)
+        sb = tl.where(blk == 0, sn[:, None, :], 0.0)
+        y = tl.join(lo * cb - hi * sb, hi * cb + lo * sb)
+        x = tl.reshape(tl.permute(y, (0, 1, 3, 2)), [rows, D])
+    tl.store(dst + dst_off[:, None] + d[None, :], x.to(dst.dtype.element_ty), mask=m[:, None])
+
+
+@triton.jit
+def _rope_kernel(qkv, q_out, k_cache, v_cache, slots, pos, table, qw, kw, T, stride,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NQB: tl.constexpr,
+                 NKB: tl.constexpr, ROPE: tl.constexpr):
+    """The op's work (NeoX, NHD caches, K/V only to the cache) on whole-row tiles."""
+    pid = tl.program_id(0)
+    pid_t = pid // (NQB + 2 * NKB)
+    pid_h = pid % (NQB + 2 * NKB)
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    d = tl.arange(0, D)
+    j = tl.arange(0, R // 2)
+    t = pid_t * BLOCK_T + r // BLOCK_H
+    if pid_h < NQB:
+        h = pid_h * BLOCK_H + r % BLOCK_H
+        m = (t < T) & (h < HQ)
+        row = tl.load(pos + t, mask=m, other=0)
+        _norm_rope_row(qkv, t * stride + h * D, q_out, (t * HQ + h) * D, m, d, qw, table, row,
+                       j, D, R, ROPE)
+    elif pid_h < NQB + NKB:
+        h = (pid_h - NQB) * BLOCK_H + r % BLOCK_H
+        m = (t < T) & (h < HKV)
+        row = tl.load(pos + t, mask=m, other=0)
+        slot = tl.load(slots + t, mask=m, other=0)
+        _norm_rope_row(qkv, t * stride + (HQ + h) * D, k_cache, (slot * HKV + h) * D, m, d, kw,
+                       table, row, j, D, R, ROPE)
+    else:
+        h = (pid_h - NQB - NKB) * BLOCK_H + r % BLOCK_H
+        m = (t < T) & (h < HKV)
+        slot = tl.load(slots + t, mask=m, other=0)
+        _rows(qkv, t * stride + (HQ + HKV + h) * D, v_cache, (slot * HKV + h) * D, m, d, D,
+              False)
+
+
+def rope_call(inp, kw, block_t, block_h, warps, rope=True):
+    """(launch, its Q output) of ``_rope_kernel``: the op's work, whole-row tiles."""
+    qkv, qw, kw_, cos_sin, pos, kc, vc, slots = inp[:8]
+    hq, hkv, d, r, t = kw["hq"], kw["hkv"], kw["d"], kw["r"], qkv.shape[0]
+    q_out = torch.empty(t, hq, d, device=qkv.device, dtype=qkv.dtype)
+    nqb, nkb = triton.cdiv(hq, block_h), triton.cdiv(hkv, block_h)
+    grid = (triton.cdiv(t, block_t) * (nqb + 2 * nkb),)
+
+    def call():
+        _rope_kernel[grid](qkv, q_out, kc, vc, slots, pos, cos_sin, qw, kw_, t, qkv.stride(0),
+                           HQ=hq, HKV=hkv, D=d, R=r, BLOCK_T=block_t, BLOCK_H=block_h,
+                           NQB=nqb, NKB=nkb, ROPE=rope, num_warps=warps)
+    return call, q_out
+
+
+def check_rope(inp, kw, tile) -> None:
+    """``_rope_kernel`` writes what the op writes (bf16 rounding apart)."""
+    from bench_op import fused
+    kc, vc, slots = inp[5], inp[6], inp[7]
+    want_q, _ = fused(*inp, **kw, opaque=False)
+    want_k, want_v = kc.view(kc.shape[0] * kc.shape[1], -1)[slots].float(), \
+        vc.view(vc.shape[0] * vc.shape[1], -1)[slots].float()
+    kc.normal_(), vc.normal_()
+    call, q_out = rope_call(inp, kw, *tile)
+    q_out.fill_(float("nan"))
+    call()
+    got_k = kc.view(kc.shape[0] * kc.shape[1], -1)[slots].float()
+    got_v = vc.view(vc.shape[0] * vc.shape[1], -1)[slots].float()
+    torch.testing.assert_close(q_out.float(), want_q.float().view_as(q_out), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got_k, want_k, atol=0.05, rtol=0.02)
+    assert torch.equal(got_v, want_v)
+
+
+ROPE_TILES = [(1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 4), (4, 8, 8), (1, 8, 8), (2, 4, 4),
+              (4, 4, 4), (8, 8, 8)]
+
+
 def move_call(inp, kw, block_t, block_h, warps, norm):
     """(launch, its Q output) of ``_move`` on ``bench_op.make_inputs``' inputs."""
     qkv, _, _, _, _, kc, vc, slots = inp[:8]
@@ -117,8 +216,9 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{triton.__version__}  CUDA-graph replays, us a launch (medians)\n")
-    print("| shape | T | op | move | +norm | move best (T, H, warps) | +norm best | copy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | T | op | move | +norm | move best (T, H, warps) | +norm best | row rope "
+          "| row rope best | copy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in a.cases.split(","):
         shape, t = case.split(":")
         t = int(t)
@@ -133,10 +233,15 @@ def main() -> None:
         tiles = list(itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8)))
         best, nbest = (min((bench(move_call(inp, kw, *tl_, nm)[0], graph=True) * 1e3, tl_)
                            for tl_ in tiles) for nm in (False, True))
+        check_rope(inp, kw, tile)
+        rope = bench(rope_call(inp, kw, *tile)[0], graph=True) * 1e3
+        rbest = min((bench(rope_call(inp, kw, *tl_)[0], graph=True) * 1e3, tl_)
+                    for tl_ in ROPE_TILES)
         hq, hkv, d, r, gated, _ = SHAPES[shape]
         copy = copy_floor_us(floor_bytes(t, hq, hkv, d, r, gated, cbytes))
         print(f"| {shape} | {t} | {op:.2f} | {move:.2f} | {norm:.2f} | {best[0]:.2f} "
-              f"{best[1]} | {nbest[0]:.2f} {nbest[1]} | {copy:.2f} |", flush=True)
+              f"{best[1]} | {nbest[0]:.2f} {nbest[1]} | {rope:.2f} | {rbest[0]:.2f} {rbest[1]} "
+              f"| {copy:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
