@@ -26,7 +26,7 @@ from torch.fx import Graph, Node
 
 from kernels import custom_op  # noqa: F401  (registers torch.ops.fused_qkv.*)
 
-from . import guards, inductor_launch, token_order
+from . import dynamic_sizes, guards, inductor_launch, token_order
 from .graph_util import (aten, check_acyclic, depends_on, fake_mode_of, is_cast, is_op,
                          is_row_trim, is_view_node, same_sym, same_value, tensor_val,
                          view_input)
@@ -210,6 +210,10 @@ def run(graph: Graph, opts: FusionOptions, report: Report) -> int:
     fused = 0
     for q, k in pairs:
         fused += _fuse_pair(graph, fake_mode, q, k, v_writes, opts, report, gid)
+    if not any(c.graph == gid for c in report.candidates):  # say why, if sizes are symbolic
+        why = dynamic_sizes.note(graph, fake_mode)
+        if why is not None:
+            report.add(Candidate(gid, "graph", {}, "rejected", why, "dynamic"))
     if fused:
         from torch._inductor.pattern_matcher import stable_topological_sort
 

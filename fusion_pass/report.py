@@ -39,7 +39,9 @@ class Candidate:
             that failed (e.g. ``"eps differs on Q (1e-05) and K (1e-06)"``).
         guard: the check that failed: a guard of :mod:`fusion_pass.guards` (``eps``,
             ``head_dim``, ``device``, ...), or ``match``/``order``/``pairing``/``cache``/
-            ``rewrite`` for chains that are not this op or could not be rewritten.
+            ``rewrite`` for chains that are not this op or could not be rewritten, or
+            ``dynamic`` for a graph (``name`` ``"graph"``) where nothing matched while sizes
+            the chain is built from were symbolic (:mod:`fusion_pass.dynamic_sizes`).
         op: the fused call inserted: ``fused_qkv_inductor_kernel (Inductor launch)`` when
             Inductor's code launches the Triton kernel itself (CUDA, the default), else the
             custom op, ``fused_qkv.split_norm_rope_cache`` or ``fused_qkv.split_norm_rope``.

@@ -1,4 +1,5 @@
 """fusion_pass.explain: the report of what was fused and why not; logging; the depyf recipe."""
+import functools
 import importlib.util
 import logging
 import os
@@ -7,13 +8,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fusion_pass
 from fusion_pass.explain import ExplainReport, clone_tensors
 from fusion_pass.report import COLUMNS
 
 from .model_forms import Form, build, clone_args
-from .pass_check import FUSED_CACHE, FUSED_NOCACHE
+from .pass_check import FUSED_CACHE, FUSED_NOCACHE, assert_numerics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,3 +177,64 @@ def test_depyf_recipe_dumps_the_fused_op(tmp_path):
     assert any(FUSED_CACHE in ln for lines in hits.values() for ln in lines), hits
     names = " ".join(hits)
     assert "AFTER_POST_GRAD" in names, sorted(hits)  # the post-grad graph after our pass
+
+
+def _chain_with_int_args(qkv, qw, kw, cos_sin, pos, kc, vc, slots, *, hq, hkv, d, r):
+    """The vLLM chain with its head counts, head dim and rotary dim as int arguments."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q = F.rms_norm(q.reshape(t, hq, d), (d,), qw, 1e-6)
+    k = F.rms_norm(k.view(t, hkv, d), (d,), kw, 1e-6)
+    cos, sin = cos_sin[pos].chunk(2, -1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rope(x):
+        xr, xp = x[..., :r], x[..., r:]
+        x1, x2 = xr.chunk(2, -1)
+        o = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+        return torch.cat([o, xp], -1) if r < d else o
+
+    q, k = rope(q), rope(k)
+    kc.view(-1, hkv, d)[slots] = k
+    vc.view(-1, hkv, d)[slots] = v.view(t, hkv, d)
+    return (q,)
+
+
+def _int_chain_args(t, hq, hkv, d, r, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    ang = torch.rand(64, r // 2, generator=g) * 6.28
+    return (rnd(t, (hq + 2 * hkv) * d), rnd(d), rnd(d), torch.cat([ang.cos(), ang.sin()], -1),
+            torch.randint(0, 64, (t,), generator=g), rnd(8, 4, hkv, d), rnd(8, 4, hkv, d),
+            torch.randperm(32, generator=g)[:t])
+
+
+def test_sizes_made_symbolic_by_a_recompile_are_reported():
+    """Int arguments that change between calls turn symbolic at the recompile (automatic
+    dynamic shapes). The first graph fuses; the second matches nothing, and the report names
+    the symbolic sizes and what to do instead of showing no candidate. Both compute what
+    eager does."""
+    torch._dynamo.reset()
+    # no FX-graph-cache hit, which would skip the pass and its report
+    backend = fusion_pass.make_backend(allow_cpu=True, inductor_options={"fx_graph_cache": False})
+    compiled = torch.compile(_chain_with_int_args, backend=backend)
+    for i, (hq, r) in enumerate(((4, 64), (8, 32))):
+        sizes = dict(hq=hq, hkv=2, d=64, r=r)
+        args = _int_chain_args(5, **sizes, seed=i)
+        before = clone_args(args)
+        with torch.no_grad():
+            out = compiled(*args, **sizes)
+        assert_numerics(functools.partial(_chain_with_int_args, **sizes), args, out, before)
+    torch._dynamo.reset()
+    rep = backend.report
+    assert rep.graphs == 2, str(rep)
+    assert [(c.graph, c.status) for c in rep.candidates] == [(0, "fused"), (1, "rejected")], \
+        str(rep)
+    note = rep.candidates[1]
+    assert note.guard == "dynamic" and note.name == "graph", str(rep)
+    assert "L['hq']" in note.reason and "L['r']" in note.reason, note.reason
+    assert "L['qkv'].size()[0]" not in note.reason  # the token dimension may be symbolic
+    assert "torch._dynamo.mark_static" in note.reason
