@@ -14,7 +14,7 @@ import fusion_pass
 from fusion_pass.explain import ExplainReport, clone_tensors
 from fusion_pass.report import COLUMNS
 
-from .model_forms import Form, build, clone_args
+from .model_forms import Form, _rotate, build, clone_args
 from .pass_check import FUSED_CACHE, FUSED_NOCACHE, assert_numerics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,14 +187,7 @@ def _chain_with_int_args(qkv, qw, kw, cos_sin, pos, kc, vc, slots, *, hq, hkv, d
     k = F.rms_norm(k.view(t, hkv, d), (d,), kw, 1e-6)
     cos, sin = cos_sin[pos].chunk(2, -1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rope(x):
-        xr, xp = x[..., :r], x[..., r:]
-        x1, x2 = xr.chunk(2, -1)
-        o = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
-        return torch.cat([o, xp], -1) if r < d else o
-
-    q, k = rope(q), rope(k)
+    q, k = (_rotate("neox_halves", x, cos, sin, r).to(x.dtype) for x in (q, k))
     kc.view(-1, hkv, d)[slots] = k
     vc.view(-1, hkv, d)[slots] = v.view(t, hkv, d)
     return (q,)
