@@ -1,7 +1,8 @@
 """Why a graph where nothing matched may still hold the chain: sizes Dynamo made symbolic.
 
 After a recompile with new values, Dynamo's automatic dynamic shapes turn int arguments (a
-``num_heads`` passed to a function) and tensor sizes that changed into symbols.  The matchers
+``num_heads`` passed to a function) and tensor sizes that changed into symbols;
+``torch.compile(dynamic=True)`` does so from the first compile.  The matchers
 need static head counts, head and rotary dims and projection widths, so such a graph matches
 nothing.  Without this note the report would show no candidate at all.  Leading dimensions
 (tokens, cache blocks, table rows) may be symbolic: the pass handles those.
@@ -71,8 +72,9 @@ def note(graph: Graph, fake_mode) -> Optional[str]:
     if not names:
         return None
     return (f"nothing matched, and sizes are symbolic: {', '.join(names)}. Dynamo made them "
-            "dynamic after a recompile with new values (automatic dynamic shapes); the pass "
-            "needs static head counts, head and rotary dims and projection widths. Pass them "
+            "dynamic (automatic dynamic shapes after a recompile with new values, or "
+            "torch.compile(dynamic=True)); the pass needs static head counts, head and rotary "
+            "dims and projection widths. Pass them "
             "as constants (module attributes), compile one function per model shape "
             "(torch._dynamo.reset() between shapes), or mark them static "
             "(torch._dynamo.mark_static, torch.compile(dynamic=False))")
