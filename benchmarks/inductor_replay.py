@@ -2,9 +2,10 @@
 
     python benchmarks/inductor_replay.py [--shapes glm-4.5,qwen3-8b] [--tokens 1,256,4096]
 
-The compiled module (``+pass``) runs the trampoline ~0.15-0.2 us slower than direct launches
+The compiled module (``+pass``) ran the trampoline ~0.15-0.2 us slower than direct launches
 of the same kernel (fifteenth session, ``branch_order.py``), with the same tile, grid and
-registers.  This records the arguments Inductor's generated code gives the kernel's
+registers; this script found the cause (eps and the weight offset typed fp64 by Inductor,
+sixteenth session, fixed).  It records the arguments Inductor's generated code gives the kernel's
 ``CachingAutotuner.run`` at one T and times, side by side in CUDA-graph replays, us a launch:
 
 - ``op``: the entry point's launch (as ``bench_op.py``'s ``fused``);
