@@ -320,8 +320,9 @@ def check_code(code, args, fused, expect_cache):
     clones = re.findall(r".*(?:\bclone\(|clone_preserve_strides|\.copy_\().*", code)
     assert not clones, f"a clone/copy in the generated code: {clones[:3]}"
     # Inductor types a Python float argument fp64, whose conversion costs the kernel time
+    # (one definition serves identical chains of a graph)
     sigs = re.findall(r"'signature': \{[^}]*'k_base'[^}]*\}", code)
-    assert len(sigs) >= fused, f"{len(sigs)} trampoline signature(s) for {fused} chain(s)"
+    assert sigs, "no trampoline signature in the generated code"
     f64 = [s for s in sigs if "fp64" in s]
     assert not f64, f"a trampoline argument typed fp64: {f64[0]}"
     if expect_cache:

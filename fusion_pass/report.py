@@ -40,8 +40,8 @@ class Candidate:
         guard: the check that failed: a guard of :mod:`fusion_pass.guards` (``eps``,
             ``head_dim``, ``device``, ...), or ``match``/``order``/``pairing``/``cache``/
             ``rewrite`` for chains that are not this op or could not be rewritten, or
-            ``dynamic`` for a graph (``name`` ``"graph"``) where nothing matched while sizes
-            the chain is built from were symbolic (:mod:`fusion_pass.dynamic_sizes`).
+            ``dynamic`` for a graph (``name`` ``"graph"``) where nothing matched while int
+            arguments were symbolic (:mod:`fusion_pass.dynamic_sizes`).
         op: the fused call inserted: ``fused_qkv_inductor_kernel (Inductor launch)`` when
             Inductor's code launches the Triton kernel itself (CUDA, the default), else the
             custom op, ``fused_qkv.split_norm_rope_cache`` or ``fused_qkv.split_norm_rope``.
