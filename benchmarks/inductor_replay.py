@@ -92,6 +92,7 @@ def jit_kwargs(at, args) -> tuple:
     """(grid, kwargs by name, constexprs) of the trampoline's JIT function for a recorded
     ``run`` (its last three positional arguments are the grid)."""
     names = list(DONOR.arg_names)
+
     def name(key):  # by name, or by (index,) as Triton's attrs key them
         return key if isinstance(key, str) else names[key[0] if isinstance(key, tuple) else key]
 

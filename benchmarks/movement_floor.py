@@ -87,7 +87,7 @@ def _move(qkv, q_out, k_cache, v_cache, slots, T, stride,
 
 @triton.jit
 def _norm_rope_row(src, src_off, dst, dst_off, m, d, w_ptr, cos_ptr, row, j,
-                   D: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):
+                   D: tl.constexpr, R: tl.constexpr):
     """One-pass RMS norm and NeoX rope on whole-row tiles: each element's rope partner comes
     from a reshape of the row (within the warp), not from a second tile or load."""
     HALF: tl.constexpr = R // 2
@@ -98,14 +98,13 @@ def _norm_rope_row(src, src_off, dst, dst_off, m, d, w_ptr, cos_ptr, row, j,
     w = tl.load(w_ptr + d).to(tl.float32)
     x = tl.load(src + src_off[:, None] + d[None, :], mask=m[:, None]).to(tl.float32)
     x = x * (tl.rsqrt(tl.sum(x * x, axis=1) / D + 1e-6)[:, None] * w[None, :])
-    if ROPE:
-        x4 = tl.permute(tl.reshape(x, [rows, NB, 2, HALF]), (0, 1, 3, 2))
-        lo, hi = tl.split(x4)  # [rows, NB, HALF]: first and second half of each block
-        blk = tl.arange(0, NB)[None, :, None]
-        cb = tl.where(blk == 0, c[:, None, :], 1.0)
-        sb = tl.where(blk == 0, sn[:, None, :], 0.0)
-        y = tl.join(lo * cb - hi * sb, hi * cb + lo * sb)
-        x = tl.reshape(tl.permute(y, (0, 1, 3, 2)), [rows, D])
+    x4 = tl.permute(tl.reshape(x, [rows, NB, 2, HALF]), (0, 1, 3, 2))
+    lo, hi = tl.split(x4)  # [rows, NB, HALF]: first and second half of each block
+    blk = tl.arange(0, NB)[None, :, None]
+    cb = tl.where(blk == 0, c[:, None, :], 1.0)
+    sb = tl.where(blk == 0, sn[:, None, :], 0.0)
+    y = tl.join(lo * cb - hi * sb, hi * cb + lo * sb)
+    x = tl.reshape(tl.permute(y, (0, 1, 3, 2)), [rows, D])
     tl.store(dst + dst_off[:, None] + d[None, :], x.to(dst.dtype.element_ty), mask=m[:, None])
 
 
@@ -113,7 +112,7 @@ def _norm_rope_row(src, src_off, dst, dst_off, m, d, w_ptr, cos_ptr, row, j,
 def _rope_kernel(qkv, q_out, k_cache, v_cache, slots, pos, table, qw, kw, T, stride,
                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NQB: tl.constexpr,
-                 NKB: tl.constexpr, ROPE: tl.constexpr):
+                 NKB: tl.constexpr):
     """The op's work (NeoX, NHD caches, K/V only to the cache) on whole-row tiles."""
     pid = tl.program_id(0)
     pid_t = pid // (NQB + 2 * NKB)
@@ -127,14 +126,14 @@ def _rope_kernel(qkv, q_out, k_cache, v_cache, slots, pos, table, qw, kw, T, str
         m = (t < T) & (h < HQ)
         row = tl.load(pos + t, mask=m, other=0)
         _norm_rope_row(qkv, t * stride + h * D, q_out, (t * HQ + h) * D, m, d, qw, table, row,
-                       j, D, R, ROPE)
+                       j, D, R)
     elif pid_h < NQB + NKB:
         h = (pid_h - NQB) * BLOCK_H + r % BLOCK_H
         m = (t < T) & (h < HKV)
         row = tl.load(pos + t, mask=m, other=0)
         slot = tl.load(slots + t, mask=m, other=0)
         _norm_rope_row(qkv, t * stride + (HQ + h) * D, k_cache, (slot * HKV + h) * D, m, d, kw,
-                       table, row, j, D, R, ROPE)
+                       table, row, j, D, R)
     else:
         h = (pid_h - NQB - NKB) * BLOCK_H + r % BLOCK_H
         m = (t < T) & (h < HKV)
@@ -143,18 +142,29 @@ def _rope_kernel(qkv, q_out, k_cache, v_cache, slots, pos, table, qw, kw, T, str
               False)
 
 
-def rope_call(inp, kw, block_t, block_h, warps, rope=True):
+def _geometry(inp, kw, block_t, block_h) -> tuple:
+    """(Q output, Q head tiles, K (= V) head tiles, grid) of the op's grid for this tile."""
+    qkv, t = inp[0], inp[0].shape[0]
+    q_out = torch.empty(t, kw["hq"], kw["d"], device=qkv.device, dtype=qkv.dtype)
+    nqb, nkb = triton.cdiv(kw["hq"], block_h), triton.cdiv(kw["hkv"], block_h)
+    return q_out, nqb, nkb, (triton.cdiv(t, block_t) * (nqb + 2 * nkb),)
+
+
+def _slot_rows(cache, slots) -> torch.Tensor:
+    """The cache rows ``slots`` select, one row of heads x D per slot (NHD)."""
+    return cache.view(cache.shape[0] * cache.shape[1], -1)[slots]
+
+
+def rope_call(inp, kw, block_t, block_h, warps):
     """(launch, its Q output) of ``_rope_kernel``: the op's work, whole-row tiles."""
     qkv, qw, kw_, cos_sin, pos, kc, vc, slots = inp[:8]
-    hq, hkv, d, r, t = kw["hq"], kw["hkv"], kw["d"], kw["r"], qkv.shape[0]
-    q_out = torch.empty(t, hq, d, device=qkv.device, dtype=qkv.dtype)
-    nqb, nkb = triton.cdiv(hq, block_h), triton.cdiv(hkv, block_h)
-    grid = (triton.cdiv(t, block_t) * (nqb + 2 * nkb),)
+    q_out, nqb, nkb, grid = _geometry(inp, kw, block_t, block_h)
 
     def call():
-        _rope_kernel[grid](qkv, q_out, kc, vc, slots, pos, cos_sin, qw, kw_, t, qkv.stride(0),
-                           HQ=hq, HKV=hkv, D=d, R=r, BLOCK_T=block_t, BLOCK_H=block_h,
-                           NQB=nqb, NKB=nkb, ROPE=rope, num_warps=warps)
+        _rope_kernel[grid](qkv, q_out, kc, vc, slots, pos, cos_sin, qw, kw_, qkv.shape[0],
+                           qkv.stride(0), HQ=kw["hq"], HKV=kw["hkv"], D=kw["d"], R=kw["r"],
+                           BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb, NKB=nkb,
+                           num_warps=warps)
     return call, q_out
 
 
@@ -163,17 +173,14 @@ def check_rope(inp, kw, tile) -> None:
     from bench_op import fused
     kc, vc, slots = inp[5], inp[6], inp[7]
     want_q, _ = fused(*inp, **kw, opaque=False)
-    want_k, want_v = kc.view(kc.shape[0] * kc.shape[1], -1)[slots].float(), \
-        vc.view(vc.shape[0] * vc.shape[1], -1)[slots].float()
+    want_k, want_v = _slot_rows(kc, slots).float(), _slot_rows(vc, slots).float()
     kc.normal_(), vc.normal_()
     call, q_out = rope_call(inp, kw, *tile)
     q_out.fill_(float("nan"))
     call()
-    got_k = kc.view(kc.shape[0] * kc.shape[1], -1)[slots].float()
-    got_v = vc.view(vc.shape[0] * vc.shape[1], -1)[slots].float()
     torch.testing.assert_close(q_out.float(), want_q.float().view_as(q_out), atol=0.05, rtol=0.02)
-    torch.testing.assert_close(got_k, want_k, atol=0.05, rtol=0.02)
-    assert torch.equal(got_v, want_v)
+    torch.testing.assert_close(_slot_rows(kc, slots).float(), want_k, atol=0.05, rtol=0.02)
+    assert torch.equal(_slot_rows(vc, slots).float(), want_v)
 
 
 ROPE_TILES = [(1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 4), (4, 8, 8), (1, 8, 8), (2, 4, 4),
@@ -183,15 +190,12 @@ ROPE_TILES = [(1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 4), (4, 8, 8), (1, 8, 8), 
 def move_call(inp, kw, block_t, block_h, warps, norm):
     """(launch, its Q output) of ``_move`` on ``bench_op.make_inputs``' inputs."""
     qkv, _, _, _, _, kc, vc, slots = inp[:8]
-    hq, hkv, d, t = kw["hq"], kw["hkv"], kw["d"], qkv.shape[0]
-    q_out = torch.empty(t, hq, d, device=qkv.device, dtype=qkv.dtype)
-    nqb, nkb = triton.cdiv(hq, block_h), triton.cdiv(hkv, block_h)
-    grid = (triton.cdiv(t, block_t) * (nqb + 2 * nkb),)
+    q_out, nqb, nkb, grid = _geometry(inp, kw, block_t, block_h)
 
     def call():
-        _move[grid](qkv, q_out, kc, vc, slots, t, qkv.stride(0), HQ=hq, HKV=hkv, D=d,
-                    BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb, NKB=nkb, NORM=norm,
-                    num_warps=warps)
+        _move[grid](qkv, q_out, kc, vc, slots, qkv.shape[0], qkv.stride(0), HQ=kw["hq"],
+                    HKV=kw["hkv"], D=kw["d"], BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb,
+                    NKB=nkb, NORM=norm, num_warps=warps)
     return call, q_out
 
 
@@ -205,8 +209,8 @@ def check_move(inp, kw, tile) -> None:
     call()
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
     assert torch.equal(q_out.flatten(1), q)
-    assert torch.equal(kc.view(-1, hkv * d)[slots], k)
-    assert torch.equal(vc.view(-1, hkv * d)[slots], v)
+    assert torch.equal(_slot_rows(kc, slots), k)
+    assert torch.equal(_slot_rows(vc, slots), v)
 
 
 def main() -> None:
