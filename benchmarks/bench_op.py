@@ -43,6 +43,9 @@ CACHE_SLOTS = 2 * max(TOKENS)
 # T gave the compiled graph a symbolic table size, whose offsets the pass cannot bound, so its
 # large-T branch ran int64 offsets (48 registers against 40 on the H200, ~7% slower).
 TABLE_ROWS = max(TOKENS)
+# The cos/sin table's dtype: fp32 as SGLang keeps it on CUDA; vLLM casts its cos_sin_cache to
+# the model dtype (bf16), which halves the table's bytes (--table-dtype bf16)
+TABLE_DTYPE = torch.float32
 
 
 @torch.library.custom_op("bench::write_cache", mutates_args=("key_cache", "value_cache"))
@@ -116,7 +119,8 @@ def fused(qkv, qw, kw, cos_sin, pos, kc, vc, slots, k_scale, v_scale, *, hq, hkv
 
 
 def floor_bytes(t, hq, hkv, d, r, gated, cache_bytes, act=2):
-    read = t * (hq * (2 if gated else 1) + 2 * hkv) * d * act + t * r * 4 + 2 * t * 8
+    table = TABLE_DTYPE.itemsize  # a token's cos and sin: r values
+    read = t * (hq * (2 if gated else 1) + 2 * hkv) * d * act + t * r * table + 2 * t * 8
     write = t * hq * d * act * (2 if gated else 1) + 2 * t * hkv * d * cache_bytes
     return read + write
 
@@ -165,7 +169,7 @@ def make_inputs(name, t, hnd, dev="cuda"):
     qw = torch.randn(d, device=dev, dtype=torch.bfloat16)
     kw = torch.randn(d, device=dev, dtype=torch.bfloat16)
     ang = torch.rand(max(TABLE_ROWS, t), r // 2, device=dev) * 2 * math.pi
-    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1).to(TABLE_DTYPE)
     pos = torch.randint(0, cos_sin.shape[0], (t,), device=dev)
     bs = 16
     nb = max(2 * t, CACHE_SLOTS) // bs
@@ -286,6 +290,8 @@ def main():
                     help="only the fused op against its floors at these T (NHD)")
     ap.add_argument("--tokens", default=None, metavar="T,T,...", help="these T only")
     ap.add_argument("--layouts", default="NHD,HND")
+    ap.add_argument("--table-dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="the cos/sin table's dtype (fp32: SGLang's; bf16: vLLM's)")
     ap.add_argument("--repeats", type=int, default=1, metavar="N",
                     help="time every implementation N times, round by round, each a fresh "
                     "CUDA-graph capture, and report the median (a capture's timing of one "
@@ -299,6 +305,8 @@ def main():
                     help="ptxas's register budget of small-T launches (EARLY), "
                     "triton_kernel._EARLY_MAX_REGS; with --floors, a list timed side by side")
     args = ap.parse_args()
+    global TABLE_DTYPE
+    TABLE_DTYPE = torch.bfloat16 if args.table_dtype == "bf16" else torch.float32
     from kernels import triton_kernel
     if args.max_regs and not args.floors:
         if "," in args.max_regs:
@@ -321,7 +329,8 @@ def main():
           f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"empty launch in a CUDA graph {launch_us:.2f} us  offsets "
           f"{'int32 where they fit' if triton_kernel._INDEX32 else 'int64'}  small-T "
-          f"register budget {args.max_regs or triton_kernel._EARLY_MAX_REGS}"
+          f"register budget {args.max_regs or triton_kernel._EARLY_MAX_REGS}  table "
+          f"{args.table_dtype}"
           f"{'  tile ' + args.tile if args.tile else ''}")
     if args.floors:
         return print_floors(args, bw, launch_us)

@@ -8,12 +8,18 @@ projection and writes K/V rows to scattered cache slots.  This times, side by si
 launch:
 
 - ``op``: the op's launch (the entry point's, as ``bench_op.py``'s ``fused``);
+- ``op, no positions``: the same launch with ``HAS_POS`` off (the table row is the token's
+  index), so the cos/sin load does not wait for the positions load: what that dependent
+  round trip costs;
 - ``move``: a kernel that does only the op's data movement, with the op's tile and grid:
   each program loads its (token, head) rows of Q, K or V and stores them to the Q output or
   to the cache rows its tokens' slots select; no norm, no rope, no table;
 - ``+norm``: ``move`` with the RMS norm's reduction and scaling (fp32) on every row;
 - ``move best``, ``+norm best``: the fastest ``move`` / ``+norm`` over tiles of 1-4 tokens,
   1-8 heads and 1-8 warps (its tile printed);
+- ``+norm +table best``: ``+norm best`` whose Q and K rows also load the op's table bytes
+  (the ``rotary_dim`` values of the row the token's position selects: a load that waits for
+  the positions load) and scale their rotary columns by them, with no rope partner;
 - ``row rope``, ``row rope best``: the op's whole work (norm, NeoX rope from the table,
   Q out, K/V to the cache) on whole-row tiles (``_rope_kernel``), its rope partners taken
   from a reshape of the row (a layout conversion through shared memory on sm_90): in the
@@ -47,19 +53,27 @@ from kernels import triton_kernel as tk  # noqa: E402
 
 
 @triton.jit
-def _rows(src, src_off, dst, dst_off, m, d, D: tl.constexpr, NORM: tl.constexpr):
+def _rows(src, src_off, dst, dst_off, m, d, D: tl.constexpr, NORM: tl.constexpr, table=None,
+          row=None, R: tl.constexpr = 0):
+    """NORM: 1 with the RMS norm, 2 also scaled by the table's row ``row`` (a load that
+    waits for the positions' load: the op's dependent round trip, with no rope exchange)."""
     x = tl.load(src + src_off[:, None] + d[None, :], mask=m[:, None])
     if NORM:
         xf = x.to(tl.float32)
+        if NORM == 2:
+            # R values a row, as the op's cos and sin halves; unrotated columns read none
+            xf = xf * tl.load(table + row[:, None] * R + d[None, :],
+                              mask=m[:, None] & (d < R)[None, :], other=1.0)
         xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / D + 1e-6)[:, None]
         x = xf.to(dst.dtype.element_ty)
     tl.store(dst + dst_off[:, None] + d[None, :], x, mask=m[:, None])
 
 
 @triton.jit
-def _move(qkv, q_out, k_cache, v_cache, slots, T, stride,
-          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-          BLOCK_H: tl.constexpr, NQB: tl.constexpr, NKB: tl.constexpr, NORM: tl.constexpr):
+def _move(qkv, q_out, k_cache, v_cache, slots, pos, table, T, stride,
+          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NQB: tl.constexpr, NKB: tl.constexpr,
+          NORM: tl.constexpr):
     """The op's grid (one axis, head tiles fastest) and row movement, NHD caches."""
     pid = tl.program_id(0)
     pid_t = pid // (NQB + 2 * NKB)
@@ -70,19 +84,21 @@ def _move(qkv, q_out, k_cache, v_cache, slots, T, stride,
     if pid_h < NQB:
         h = pid_h * BLOCK_H + r % BLOCK_H
         m = (t < T) & (h < HQ)
-        _rows(qkv, t * stride + h * D, q_out, (t * HQ + h) * D, m, d, D, NORM)
+        row = tl.load(pos + t, mask=m, other=0) if NORM == 2 else t
+        _rows(qkv, t * stride + h * D, q_out, (t * HQ + h) * D, m, d, D, NORM, table, row, R)
     else:
         kv = pid_h - NQB
         is_v = (kv >= NKB).to(tl.int32)
         h = (kv - NKB * is_v) * BLOCK_H + r % BLOCK_H
         m = (t < T) & (h < HKV)
         slot = tl.load(slots + t, mask=m, other=0)
+        row = tl.load(pos + t, mask=m, other=0) if NORM == 2 else t
         dst_off = (slot * HKV + h) * D
         src_off = t * stride + (HQ + HKV * is_v) * D + h * D
         if is_v == 1:
             _rows(qkv, src_off, v_cache, dst_off, m, d, D, False)
         else:
-            _rows(qkv, src_off, k_cache, dst_off, m, d, D, NORM)
+            _rows(qkv, src_off, k_cache, dst_off, m, d, D, NORM, table, row, R)
 
 
 @triton.jit
@@ -189,13 +205,13 @@ ROPE_TILES = [(1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 4), (4, 8, 8), (1, 8, 8), 
 
 def move_call(inp, kw, block_t, block_h, warps, norm):
     """(launch, its Q output) of ``_move`` on ``bench_op.make_inputs``' inputs."""
-    qkv, _, _, _, _, kc, vc, slots = inp[:8]
+    qkv, _, _, table, pos, kc, vc, slots = inp[:8]
     q_out, nqb, nkb, grid = _geometry(inp, kw, block_t, block_h)
 
     def call():
-        _move[grid](qkv, q_out, kc, vc, slots, qkv.shape[0], qkv.stride(0), HQ=kw["hq"],
-                    HKV=kw["hkv"], D=kw["d"], BLOCK_T=block_t, BLOCK_H=block_h, NQB=nqb,
-                    NKB=nkb, NORM=norm, num_warps=warps)
+        _move[grid](qkv, q_out, kc, vc, slots, pos, table, qkv.shape[0], qkv.stride(0),
+                    HQ=kw["hq"], HKV=kw["hkv"], D=kw["d"], R=kw["r"], BLOCK_T=block_t,
+                    BLOCK_H=block_h, NQB=nqb, NKB=nkb, NORM=int(norm), num_warps=warps)
     return call, q_out
 
 
@@ -220,9 +236,9 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{triton.__version__}  CUDA-graph replays, us a launch (medians)\n")
-    print("| shape | T | op | move | +norm | move best (T, H, warps) | +norm best | row rope "
-          "| row rope best | copy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | T | op | op, no positions | move | +norm | move best (T, H, warps) "
+          "| +norm best | +norm +table best | row rope | row rope best | copy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in a.cases.split(","):
         shape, t = case.split(":")
         t = int(t)
@@ -232,20 +248,24 @@ def main() -> None:
         tile = (params["BLOCK_T"], params["BLOCK_H"], opts["num_warps"])
         check_move(inp, kw, tile)
         op = bench(lambda: tk.fused_qkv_kernel[grid](**params, **opts), graph=True) * 1e3
+        # the op with positions=None: the table row is the token's own index, so the table
+        # load does not wait for a positions load first
+        params_np = dict(params, HAS_POS=False)  # (the table has at least T rows)
+        nopos = bench(lambda: tk.fused_qkv_kernel[grid](**params_np, **opts), graph=True) * 1e3
         move = bench(move_call(inp, kw, *tile, False)[0], graph=True) * 1e3
         norm = bench(move_call(inp, kw, *tile, True)[0], graph=True) * 1e3
         tiles = list(itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8)))
-        best, nbest = (min((bench(move_call(inp, kw, *tl_, nm)[0], graph=True) * 1e3, tl_)
-                           for tl_ in tiles) for nm in (False, True))
+        best, nbest, tbest = (min((bench(move_call(inp, kw, *tl_, nm)[0], graph=True) * 1e3,
+                                   tl_) for tl_ in tiles) for nm in (0, 1, 2))
         check_rope(inp, kw, tile)
         rope = bench(rope_call(inp, kw, *tile)[0], graph=True) * 1e3
         rbest = min((bench(rope_call(inp, kw, *tl_)[0], graph=True) * 1e3, tl_)
                     for tl_ in ROPE_TILES)
         hq, hkv, d, r, gated, _ = SHAPES[shape]
         copy = copy_floor_us(floor_bytes(t, hq, hkv, d, r, gated, cbytes))
-        print(f"| {shape} | {t} | {op:.2f} | {move:.2f} | {norm:.2f} | {best[0]:.2f} "
-              f"{best[1]} | {nbest[0]:.2f} {nbest[1]} | {rope:.2f} | {rbest[0]:.2f} {rbest[1]} "
-              f"| {copy:.2f} |", flush=True)
+        print(f"| {shape} | {t} | {op:.2f} | {nopos:.2f} | {move:.2f} | {norm:.2f} "
+              f"| {best[0]:.2f} {best[1]} | {nbest[0]:.2f} {nbest[1]} | {tbest[0]:.2f} {tbest[1]} "
+              f"| {rope:.2f} | {rbest[0]:.2f} {rbest[1]} | {copy:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
