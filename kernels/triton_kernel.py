@@ -609,6 +609,16 @@ _EARLY_MAX_REGS: Optional[int] = 64
 # T=128 on one token a program (7168 warps, 132 SMs; its tile before the 2-token one from
 # T=64) took 3.20 us with the budget against 2.99 without.
 _BUDGET_WARPS_PER_SM = 40
+# The same budget for launches with late loads (T >= 256) of programs of several warps whose
+# grid is at most this many warps an SM.  Given 64 registers, ptxas takes 48-56 where it took
+# 32-40 on its own, and the kernel issues faster; past ~128 warps an SM occupancy wins back.
+# H200, CUDA graph (``benchmarks/regs_waves.py``, ``results/h200-2026-12-01-s17-regs-*``),
+# us without -> with: GLM-4.5 T = 256 / 512 4.14 / 6.50 -> 3.96 / 6.35 (T=768, 163 warps an
+# SM: 10.43 -> 10.86), Qwen3-8B T = 256 / 512 / 1024 2.59 / 3.73 / 5.46 -> 2.52 / 3.67 / 5.27,
+# Qwen3-Next T = 256 / 512 3.07 / 4.25 -> 2.97 / 4.18.  One-warp programs (Qwen3-Next from
+# T=1024) are left alone: ptxas gives them 80 registers, and a cap of 64 cost 50%.
+_LATE_MAX_REGS: Optional[int] = 64
+_LATE_BUDGET_WARPS_PER_SM = 128
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
 # False: kept plans launch through the launcher's key every call, not its memo (A/B timing in
@@ -647,7 +657,8 @@ def _pdl_ok(device: torch.device) -> bool:
 def launch_settings() -> tuple:
     """The module settings a kept launch (``BoundLaunch`` and its plans) was built under:
     benchmarks change them between calls with the same arguments."""
-    return _BLOCK_OVERRIDE, _INDEX32, _EARLY_MAX_REGS, _PDL, _BUDGET_WARPS_PER_SM
+    return (_BLOCK_OVERRIDE, _INDEX32, _EARLY_MAX_REGS, _PDL, _BUDGET_WARPS_PER_SM,
+            _LATE_MAX_REGS, _LATE_BUDGET_WARPS_PER_SM)
 
 
 def _cached_launcher() -> CachedLauncher:
@@ -776,8 +787,10 @@ class BoundLaunch:
         self.settings = launch_settings()  # what this launch and its plans are built under
         self.pdl = _PDL and _pdl_ok(self.dev)
         # warps that run at once under the register budget (0: no budget on this device)
-        self.budget_warps = _BUDGET_WARPS_PER_SM * _sm_count(self.dev) \
-            if _maxnreg_ok(self.dev) else 0
+        budget_ok = _maxnreg_ok(self.dev)
+        self.budget_warps = _BUDGET_WARPS_PER_SM * _sm_count(self.dev) if budget_ok else 0
+        self.late_budget_warps = _LATE_BUDGET_WARPS_PER_SM * _sm_count(self.dev) \
+            if budget_ok else 0
         # the fixed tensors the kernel indexes from their data pointers (int32 check)
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
@@ -842,9 +855,12 @@ class BoundLaunch:
         consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp,
                                                                     self.pdl)
         grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
-        regs = None
-        if tiles.constexprs["EARLY"] and grid[0] * tiles.num_warps <= self.budget_warps:
-            regs = _EARLY_MAX_REGS
+        regs, warps = None, grid[0] * tiles.num_warps
+        if tiles.constexprs["EARLY"]:
+            if warps <= self.budget_warps:
+                regs = _EARLY_MAX_REGS
+        elif tiles.num_warps > 1 and warps <= self.late_budget_warps:
+            regs = _LATE_MAX_REGS
         return grid, consts, tiles.num_warps, regs, []
 
     def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, fixed=None,
