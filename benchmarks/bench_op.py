@@ -267,7 +267,7 @@ def print_floors(args, bw: float, launch_us: float) -> None:
             inp, kw, cbytes = make_inputs(name, t, False)
             times = []
             for b in budgets:
-                triton_kernel._EARLY_MAX_REGS = b
+                triton_kernel._EARLY_MAX_REGS = triton_kernel._LATE_MAX_REGS = b
                 times.append(bench(lambda: fused(*inp, **kw, opaque=False), True) * 1e3)
             fb = floor_bytes(t, kw["hq"], kw["hkv"], kw["d"], kw["r"], kw["gated"], cbytes)
             cp = copy_floor_us(fb)
@@ -302,8 +302,9 @@ def main():
                     help="int64 element offsets on every launch (_INDEX32 off; by default "
                     "launches whose offsets fit run int32 ones)")
     ap.add_argument("--max-regs", default=None, metavar="N|none[,...]",
-                    help="ptxas's register budget of small-T launches (EARLY), "
-                    "triton_kernel._EARLY_MAX_REGS; with --floors, a list timed side by side")
+                    help="ptxas's register budget of the launches that take one (small T, "
+                    "and mid T on small grids): triton_kernel._EARLY_MAX_REGS and "
+                    "_LATE_MAX_REGS; with --floors, a list timed side by side")
     args = ap.parse_args()
     global TABLE_DTYPE
     TABLE_DTYPE = torch.bfloat16 if args.table_dtype == "bf16" else torch.float32
@@ -311,7 +312,8 @@ def main():
     if args.max_regs and not args.floors:
         if "," in args.max_regs:
             ap.error("--max-regs takes a list only with --floors")
-        triton_kernel._EARLY_MAX_REGS = _budgets(args.max_regs)[0]
+        triton_kernel._EARLY_MAX_REGS = triton_kernel._LATE_MAX_REGS = \
+            _budgets(args.max_regs)[0]
     if args.int64:
         triton_kernel._INDEX32 = False
     if args.tile:
@@ -329,7 +331,8 @@ def main():
           f"triton {__import__('triton').__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"empty launch in a CUDA graph {launch_us:.2f} us  offsets "
           f"{'int32 where they fit' if triton_kernel._INDEX32 else 'int64'}  small-T "
-          f"register budget {args.max_regs or triton_kernel._EARLY_MAX_REGS}  table "
+          f"register budget {args.max_regs or triton_kernel._EARLY_MAX_REGS} (mid T: "
+          f"{args.max_regs or triton_kernel._LATE_MAX_REGS})  table "
           f"{args.table_dtype}"
           f"{'  tile ' + args.tile if args.tile else ''}")
     if args.floors:

@@ -37,8 +37,12 @@ WATCH = ("LDG", "STG", "LDS", "STS", "BAR", "SHFL", "IMAD", "IADD", "LEA", "ISET
          "FFMA", "FADD", "F2F", "PRMT", "SEL", "MUFU")
 
 
+H200_SMS = 132
+
+
 def capture(name: str, t: int, gate: bool):
-    """(grid, args, consts, num_warps) of the op's launch on CPU tensors, without running it."""
+    """(grid, args, consts, num_warps, maxnreg) of the op's launch on CPU tensors, without
+    running it; ``maxnreg``: the register budget the op gives it on an H200 (132 SMs)."""
     seen = []
 
     class Recorder:
@@ -46,9 +50,12 @@ def capture(name: str, t: int, gate: bool):
 
         def __call__(self, grid, args, consts, num_warps, launch_pdl=False, maxnreg=None,
                      memo=None):
-            seen.append((grid, list(args), consts, num_warps))
+            seen.append((grid, list(args), consts, num_warps, maxnreg))
 
     triton_kernel._launcher = Recorder()
+    budget_fns = triton_kernel._maxnreg_ok, triton_kernel._sm_count
+    triton_kernel._maxnreg_ok = lambda device: True  # the budget rule as on the H200
+    triton_kernel._sm_count = lambda device: H200_SMS
     inp, kw, _ = bench_op.make_inputs(name, t, False, dev="cpu")
     # the op takes the Triton path on the CPU only under this flag (read per call); the
     # kernel itself was imported without it, so it is the real JIT function, not interpreted
@@ -58,10 +65,11 @@ def capture(name: str, t: int, gate: bool):
     finally:
         del os.environ["TRITON_INTERPRET"]
         triton_kernel._launcher = None
-    grid, args, consts, warps = seen[0]
+        triton_kernel._maxnreg_ok, triton_kernel._sm_count = budget_fns
+    grid, args, consts, warps, maxnreg = seen[0]
     consts = tuple(False if n == "INTERP" else c  # INTERP off: compiled for the GPU
                    for n, c in zip(triton_kernel._CONST_NAMES, consts))
-    return grid, args, consts, warps
+    return grid, args, consts, warps, maxnreg
 
 
 def compile_sm90(fn, kw: dict, num_warps: int, maxnreg: Optional[int] = None):
@@ -168,8 +176,8 @@ def main():
                     help="int64 element offsets (triton_kernel._INDEX32 off; by default int32 "
                     "ones where they fit)")
     ap.add_argument("--max-regs", default=None, metavar="N|none",
-                    help="ptxas's register budget for the op's kernel (default: the op's, "
-                    "triton_kernel._EARLY_MAX_REGS when EARLY is on)")
+                    help="ptxas's register budget for the op's kernel (default: the op's "
+                    "on an H200, see triton_kernel._EARLY_MAX_REGS and _LATE_MAX_REGS)")
     ap.add_argument("--trampoline", action="store_true",
                     help="also the Inductor launch's kernel for a dynamic T (all its branches)")
     a = ap.parse_args()
@@ -178,10 +186,8 @@ def main():
     if a.tile:
         triton_kernel.set_block_override(tuple(int(x) for x in a.tile.split(",")))
     print(f"# triton {triton.__version__} (sm_90 compile)")
-    grid, args, consts, warps = capture(a.shape, a.tokens, "no-gate" not in a.opts)
+    grid, args, consts, warps, regs = capture(a.shape, a.tokens, "no-gate" not in a.opts)
     op = op_args(args, consts)
-    # as BoundLaunch on NVIDIA, less its one-wave rule (no device here to count SMs)
-    regs = triton_kernel._EARLY_MAX_REGS if op["EARLY"] else None
     if a.max_regs is not None:
         regs = bench_op._budgets(a.max_regs)[0]
     k = compile_sm90(triton_kernel.fused_qkv_kernel, op, warps, maxnreg=regs)

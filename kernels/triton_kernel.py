@@ -609,14 +609,15 @@ _EARLY_MAX_REGS: Optional[int] = 64
 # T=128 on one token a program (7168 warps, 132 SMs; its tile before the 2-token one from
 # T=64) took 3.20 us with the budget against 2.99 without.
 _BUDGET_WARPS_PER_SM = 40
-# The same budget for launches with late loads (T >= 256) of programs of several warps whose
-# grid is at most this many warps an SM.  Given 64 registers, ptxas takes 48-56 where it took
-# 32-40 on its own, and the kernel issues faster; past ~128 warps an SM occupancy wins back.
-# H200, CUDA graph (``benchmarks/regs_waves.py``, ``results/h200-2026-12-01-s17-regs-*``),
-# us without -> with: GLM-4.5 T = 256 / 512 4.14 / 6.50 -> 3.96 / 6.35 (T=768, 163 warps an
-# SM: 10.43 -> 10.86), Qwen3-8B T = 256 / 512 / 1024 2.59 / 3.73 / 5.46 -> 2.52 / 3.67 / 5.27,
-# Qwen3-Next T = 256 / 512 3.07 / 4.25 -> 2.97 / 4.18.  One-warp programs (Qwen3-Next from
-# T=1024) are left alone: ptxas gives them 80 registers, and a cap of 64 cost 50%.
+# The same budget for launches with late loads (EARLY off: T >= 256, or T >= 1024 for a
+# whole-row tail tile) of at most 16 elements a thread whose grid is at most this many warps
+# an SM.  Given 64 registers, ptxas takes 48-56 where it took 32-40 on its own, and the
+# kernel issues faster; past ~128 warps an SM occupancy wins back.  H200, CUDA graph
+# (``benchmarks/regs_waves.py``, ``results/h200-2026-12-01-s17-regs-*``), us without -> with:
+# GLM-4.5 T = 256 / 512 4.14 / 6.50 -> 3.96 / 6.35 (T=768, 163 warps an SM: 10.43 -> 10.86),
+# Qwen3-8B T = 256 / 512 / 1024 2.59 / 3.73 / 5.46 -> 2.52 / 3.67 / 5.27.  Qwen3-Next's
+# one-warp tiles of 32 elements a thread (from T=1024) are left alone: ptxas gives them 80
+# registers, and a cap of 64 cost 50%.
 _LATE_MAX_REGS: Optional[int] = 64
 _LATE_BUDGET_WARPS_PER_SM = 128
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
@@ -859,7 +860,8 @@ class BoundLaunch:
         if tiles.constexprs["EARLY"]:
             if warps <= self.budget_warps:
                 regs = _EARLY_MAX_REGS
-        elif tiles.num_warps > 1 and warps <= self.late_budget_warps:
+        elif warps <= self.late_budget_warps and tiles.block_t * tiles.constexprs["BLOCK_H"] \
+                * tiles.constexprs["BLOCK_D"] <= 16 * 32 * tiles.num_warps:
             regs = _LATE_MAX_REGS
         return grid, consts, tiles.num_warps, regs, []
 

@@ -274,20 +274,22 @@ BUDGET_CASES = [(i, c) for i, c in INDEX32_CASES if i in (
 def test_launches_take_the_register_budget(case, monkeypatch):
     """Launches with early loads (small T) compile with ptxas's register budget
     ``_EARLY_MAX_REGS`` (see test_small_t_loads_issue_before_the_reduction), those with late
-    loads and a small grid of several-warp programs (T=1030 here) with ``_LATE_MAX_REGS``;
-    ptxas keeps within it, and the kernel matches the reference."""
+    loads and a small grid of at most 16 elements a thread (T=1030 here) with
+    ``_LATE_MAX_REGS``; every budgeted kernel keeps within its budget, and the kernel
+    matches the reference."""
     from kernels import triton_kernel
     seen = record_launches(monkeypatch, lambda consts, pdl, regs: (consts["EARLY"], regs))
     torch.manual_seed(zlib.crc32(str(case).encode()) + 3)
     check_case(case, "cuda")
-    early = case.T < triton_kernel._T_MID
+    (early, _), = seen
+    assert early == (case.T < triton_kernel._T_MID)  # (no case is a row tail at T >= 256)
     want = triton_kernel._EARLY_MAX_REGS if early else triton_kernel._LATE_MAX_REGS
     assert want is not None
     assert seen == [(early, want)]
-    budgets = {k.metadata.maxnreg: k.n_regs for cache in
-               triton_kernel.fused_qkv_kernel.device_caches.values()
-               for k in cache[0].values()}
-    assert 0 < budgets[want] <= want
+    kernels = [k for cache in triton_kernel.fused_qkv_kernel.device_caches.values()
+               for k in cache[0].values() if k.metadata.maxnreg]
+    assert any(k.metadata.maxnreg == want for k in kernels)
+    assert all(0 < k.n_regs <= k.metadata.maxnreg for k in kernels)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -582,9 +584,9 @@ def test_register_budget_goes_to_launches_that_fit(monkeypatch):
     the multiprocessors at once (``_BUDGET_WARPS_PER_SM``): GLM-4.5 on 132 of them takes it
     at T=32 (448 programs of 4 warps, one token each) and T=64 (448, two tokens each) but not
     at T=192 (1344 programs: 5376 warps).  ``_LATE_MAX_REGS`` goes to launches with late loads
-    of at most ``_LATE_BUDGET_WARPS_PER_SM`` warps an SM in programs of several warps: T=256
-    (1792 programs: 54 warps an SM) but not T=768 (163), nor Qwen3-Next's one-warp programs
-    at T=1024.  No device without the option (the CPU) takes either."""
+    of at most ``_LATE_BUDGET_WARPS_PER_SM`` warps an SM and 16 elements a thread: T=256
+    (1792 programs: 54 warps an SM) but not T=768 (163), nor Qwen3-Next's one-warp tiles of
+    32 elements a thread at T=1024.  No device without the option (the CPU) takes either."""
     from kernels import triton_kernel
     seen = []
 
