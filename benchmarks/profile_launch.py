@@ -140,7 +140,7 @@ def main() -> int:
     (grid, kargs, kkw), = cap.calls
     kkw = dict(kkw)
     num_warps = kkw.pop("num_warps")
-    regs = kkw.pop("maxnreg", None)  # the op's small-T register budget (NVIDIA)
+    regs = kkw.pop("maxnreg", None)  # the register budget the op passes (NVIDIA)
     opt = {"maxnreg": regs} if regs is not None else {}
     print(f"# kernel: {len(kargs)} runtime args, {len(kkw)} constexprs, grid {grid}, "
           f"num_warps {num_warps}")

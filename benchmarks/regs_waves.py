@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="glm-4.5:128,glm-4.5:256,glm-4.5:512,qwen3-8b:256,"
                     "qwen3-next:256")
-    ap.add_argument("--budgets", default="none,32,40,48")
+    ap.add_argument("--budgets", default="none,32,40,64")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     budgets = [None if b == "none" else int(b) for b in a.budgets.split(",")]
