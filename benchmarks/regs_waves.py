@@ -73,7 +73,7 @@ def main() -> None:
         w = opts["num_warps"]
         cells = [f"{statistics.median(ts):.2f} ({r}, {waves(grid[0], w, r, sms):.2f})"
                  for ts, r in zip(times, regs)]
-        print(f"| {shape} | {t} | {grid[0]} x {opts['num_warps']} | " + " | ".join(cells)
+        print(f"| {shape} | {t} | {grid[0]} x {w} | " + " | ".join(cells)
               + f" |{'' if same else ' Q differs!'}", flush=True)
 
 

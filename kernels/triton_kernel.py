@@ -788,10 +788,9 @@ class BoundLaunch:
         self.settings = launch_settings()  # what this launch and its plans are built under
         self.pdl = _PDL and _pdl_ok(self.dev)
         # warps that run at once under the register budget (0: no budget on this device)
-        budget_ok = _maxnreg_ok(self.dev)
-        self.budget_warps = _BUDGET_WARPS_PER_SM * _sm_count(self.dev) if budget_ok else 0
-        self.late_budget_warps = _LATE_BUDGET_WARPS_PER_SM * _sm_count(self.dev) \
-            if budget_ok else 0
+        sms = _sm_count(self.dev) if _maxnreg_ok(self.dev) else 0
+        self.budget_warps = _BUDGET_WARPS_PER_SM * sms
+        self.late_budget_warps = _LATE_BUDGET_WARPS_PER_SM * sms
         # the fixed tensors the kernel indexes from their data pointers (int32 check)
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
