@@ -1,6 +1,7 @@
 """The op at one ptxas register budget after another, side by side (GPU, CUDA graphs).
 
     python benchmarks/regs_waves.py [--cases glm-4.5:256,qwen3-8b:256] [--budgets none,32,40]
+    python benchmarks/regs_waves.py --cases glm-4.5:128@1.8.4   # a forced tile (BT.BH.W...)
 
 A register budget sets how many programs a multiprocessor holds at once, so whether a grid
 runs in one wave or spills a partial second one.  Each case prints the median us a launch per
@@ -51,9 +52,14 @@ def main() -> None:
         f"budget {b or 'none'}: us (regs, waves)" for b in budgets) + " |")
     print("|---|---:|---|" + "---:|" * len(budgets))
     for case in a.cases.split(","):
+        case, _, tile = case.partition("@")
         shape, t = case.split(":")
         inp, kw, _ = make_inputs(shape, int(t), False)
-        grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
+        tk.set_block_override(tuple(int(x) for x in tile.split(".")) if tile else None)
+        try:
+            grid, params, opts = recorded_launch(inp, dict(kw, opaque=False))
+        finally:
+            tk.set_block_override(None)
         q = params["q_out"]
         calls, outs, regs = [], [], []
         for b in budgets:
@@ -73,7 +79,8 @@ def main() -> None:
         w = opts["num_warps"]
         cells = [f"{statistics.median(ts):.2f} ({r}, {waves(grid[0], w, r, sms):.2f})"
                  for ts, r in zip(times, regs)]
-        print(f"| {shape} | {t} | {grid[0]} x {w} | " + " | ".join(cells)
+        name = f"{t} @{tile}" if tile else t
+        print(f"| {shape} | {name} | {grid[0]} x {w} | " + " | ".join(cells)
               + f" |{'' if same else ' Q differs!'}", flush=True)
 
 

@@ -603,23 +603,22 @@ _PDL = False
 # 2.14.  None: ptxas's own choice.  Inductor's launches cannot pass it (its autotuner drops
 # the option), but their dynamic-T kernel gets the room from its large-T branch.
 _EARLY_MAX_REGS: Optional[int] = 64
-# Warps a multiprocessor holds under the budget: 40 at 44 registers a thread (the most seen,
-# 42 warps in 4-warp programs; 48 at 40).  A grid past that many warps on every
-# multiprocessor runs in more than one wave, and occupancy wins back over latency: GLM-4.5
-# T=128 on one token a program (7168 warps, 132 SMs; its tile before the 2-token one from
-# T=64) took 3.20 us with the budget against 2.99 without.
-_BUDGET_WARPS_PER_SM = 40
 # The same budget for launches with late loads (EARLY off: T >= 256, or T >= 1024 for a
-# whole-row tail tile) of at most 16 elements a thread whose grid is at most this many warps
-# an SM.  Given 64 registers, ptxas takes 48-56 where it took 32-40 on its own, and the
-# kernel issues faster; past ~128 warps an SM occupancy wins back.  H200, CUDA graph
-# (``benchmarks/regs_waves.py``, ``results/h200-2026-12-01-s17-regs-*``), us without -> with:
-# GLM-4.5 T = 256 / 512 4.14 / 6.50 -> 3.96 / 6.35 (T=768, 163 warps an SM: 10.43 -> 10.86),
-# Qwen3-8B T = 256 / 512 / 1024 2.59 / 3.73 / 5.46 -> 2.52 / 3.67 / 5.27.  Qwen3-Next's
-# one-warp tiles of 32 elements a thread (from T=1024) are left alone: ptxas gives them 80
-# registers, and a cap of 64 cost 50%.
+# whole-row tail tile).  Given 64 registers, ptxas takes 48-56 where it took 32-40 on its own,
+# and the kernel issues faster.  H200, CUDA graph (``benchmarks/regs_waves.py``,
+# ``results/h200-2026-12-01-s17-regs-*``), us without -> with: GLM-4.5 T = 256 / 512 4.14 /
+# 6.50 -> 3.96 / 6.35, Qwen3-8B T = 256 / 512 / 1024 2.59 / 3.73 / 5.46 -> 2.52 / 3.67 / 5.27.
 _LATE_MAX_REGS: Optional[int] = 64
-_LATE_BUDGET_WARPS_PER_SM = 128
+# Either budget goes to launches of at most 16 elements a thread whose grid is at most this
+# many warps an SM.  Past ~128 warps an SM occupancy wins back (GLM-4.5 T=768, 163 warps an
+# SM: 10.43 -> 10.86 us with the budget), and so it does for Qwen3-Next's one-warp tiles of 32
+# elements a thread (from T=1024): ptxas gives them 80 registers, and a cap of 64 cost 50%.
+# Early-load launches of 40-155 warps an SM gained or tied (``results/h200-2026-12-02-s18-
+# regs-*``): GLM-4.5 T = 192 / 255 3.50 / 4.12 -> 3.41 / 3.98, Qwen3-Next T = 384 / 768 3.52 /
+# 5.51 -> 3.47 / 5.38, Qwen3-8B T = 255 2.67 -> 2.57.  One forced tile lost: GLM-4.5 T=128 in
+# one-token programs (54 warps an SM, one wave at ptxas's 32 registers, 1.13 at the budget's
+# 38) 2.98 -> 3.14; the heuristic gives that shape two-token tiles from T=64 (2.92 -> 2.67).
+_BUDGET_WARPS_PER_SM = 128
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None
 # False: kept plans launch through the launcher's key every call, not its memo (A/B timing in
@@ -659,7 +658,7 @@ def launch_settings() -> tuple:
     """The module settings a kept launch (``BoundLaunch`` and its plans) was built under:
     benchmarks change them between calls with the same arguments."""
     return (_BLOCK_OVERRIDE, _INDEX32, _EARLY_MAX_REGS, _PDL, _BUDGET_WARPS_PER_SM,
-            _LATE_MAX_REGS, _LATE_BUDGET_WARPS_PER_SM)
+            _LATE_MAX_REGS)
 
 
 def _cached_launcher() -> CachedLauncher:
@@ -790,7 +789,6 @@ class BoundLaunch:
         # warps that run at once under the register budget (0: no budget on this device)
         sms = _sm_count(self.dev) if _maxnreg_ok(self.dev) else 0
         self.budget_warps = _BUDGET_WARPS_PER_SM * sms
-        self.late_budget_warps = _LATE_BUDGET_WARPS_PER_SM * sms
         # the fixed tensors the kernel indexes from their data pointers (int32 check)
         self._fixed = (key_cache, value_cache) if has_cache else ()
         self.fixed_span = None  # their largest span, worked out at the first int32 check
@@ -855,13 +853,11 @@ class BoundLaunch:
         consts = self.consts + tuple(tiles.constexprs.values()) + (idx64, self.interp,
                                                                     self.pdl)
         grid = (_cdiv(t, tiles.block_t) * tiles.head_tiles,)
-        regs, warps = None, grid[0] * tiles.num_warps
-        if tiles.constexprs["EARLY"]:
-            if warps <= self.budget_warps:
-                regs = _EARLY_MAX_REGS
-        elif warps <= self.late_budget_warps and tiles.block_t * tiles.constexprs["BLOCK_H"] \
-                * tiles.constexprs["BLOCK_D"] <= 16 * 32 * tiles.num_warps:
-            regs = _LATE_MAX_REGS
+        regs = None
+        if grid[0] * tiles.num_warps <= self.budget_warps and tiles.block_t \
+                * tiles.constexprs["BLOCK_H"] * tiles.constexprs["BLOCK_D"] \
+                <= 16 * 32 * tiles.num_warps:
+            regs = _EARLY_MAX_REGS if tiles.constexprs["EARLY"] else _LATE_MAX_REGS
         return grid, consts, tiles.num_warps, regs, []
 
     def __call__(self, q_src, k_src, v_src, positions, slot_mapping, *, fixed=None,

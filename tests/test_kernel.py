@@ -580,13 +580,13 @@ def test_early_loads_only_for_static_small_t():
 
 
 def test_register_budget_goes_to_launches_that_fit(monkeypatch):
-    """The budget ``_EARLY_MAX_REGS`` goes to launches with early loads whose grid fits on
-    the multiprocessors at once (``_BUDGET_WARPS_PER_SM``): GLM-4.5 on 132 of them takes it
-    at T=32 (448 programs of 4 warps, one token each) and T=64 (448, two tokens each) but not
-    at T=192 (1344 programs: 5376 warps).  ``_LATE_MAX_REGS`` goes to launches with late loads
-    of at most ``_LATE_BUDGET_WARPS_PER_SM`` warps an SM and 16 elements a thread: T=256
-    (1792 programs: 54 warps an SM) but not T=768 (163), nor Qwen3-Next's one-warp tiles of
-    32 elements a thread at T=1024.  No device without the option (the CPU) takes either."""
+    """A register budget goes to launches of at most ``_BUDGET_WARPS_PER_SM`` warps an SM and
+    16 elements a thread: ``_EARLY_MAX_REGS`` with early loads, ``_LATE_MAX_REGS`` with late
+    ones.  GLM-4.5 on 132 multiprocessors takes it at T=32 (448 programs of 4 warps, one token
+    each), T=64 and T=192 (448 and 1344 programs of two tokens, early loads) and T=256 (1792
+    programs: 54 warps an SM, late loads), but not at T=768 (163 warps an SM), nor Qwen3-Next's
+    one-warp tiles of 32 elements a thread at T=1024.  No device without the option (the CPU)
+    takes either."""
     from kernels import triton_kernel
     seen = []
 
@@ -608,7 +608,7 @@ def test_register_budget_goes_to_launches_that_fit(monkeypatch):
     triton_kernel.launch(*make_args(Case(T=1024, **nxt)))
     budget, late = triton_kernel._EARLY_MAX_REGS, triton_kernel._LATE_MAX_REGS
     assert budget is not None and late is not None
-    assert seen == [(448, None), (448, budget), (448, budget), (1344, None), (1792, late),
+    assert seen == [(448, None), (448, budget), (448, budget), (1344, budget), (1792, late),
                     (5376, None), (6144, None)]
 
 

@@ -182,9 +182,9 @@ def test_signature_keeps_apart_what_validation_tells_apart():
 def test_every_launch_setting_counts():
     from kernels import triton_kernel
     names = ("_BLOCK_OVERRIDE", "_INDEX32", "_EARLY_MAX_REGS", "_PDL", "_BUDGET_WARPS_PER_SM",
-             "_LATE_MAX_REGS", "_LATE_BUDGET_WARPS_PER_SM")
+             "_LATE_MAX_REGS")
     base = triton_kernel.launch_settings()
-    for name, other in zip(names, ((4, 2, 4), not triton_kernel._INDEX32, 48, True, 8, 40, 8),
+    for name, other in zip(names, ((4, 2, 4), not triton_kernel._INDEX32, 48, True, 8, 40),
                            strict=True):
         old = getattr(triton_kernel, name)
         setattr(triton_kernel, name, other)
