@@ -75,6 +75,9 @@ FORMS = {  # name: (Form kwargs or a custom case, dynamic tokens)
     "view_dyn_cache": (dict(), False),
     "hnd_dyn_cache": (dict(cache="hnd"), False),
     "view_dyn_cache_dyn_t": (dict(), True),
+    # a Hugging Face StaticCache compiled again with another length (RESIZE_DIM): L symbolic
+    "hf_static_dyn_cache": (dict(split="separate", hf=True, cache="static", table="gathered",
+                                 rope="rotate_half"), False),
     # a dynamic T past the large-T switch (lowered to 4 tokens, SWITCH_OVERRIDE): the
     # kernel's other branch (8 tokens a program at this shape) and the grid's step
     "view_dyn_switch": (dict(S=9), True),  # T = 18: 3 tiles of 8 tokens, the last partial
@@ -119,7 +122,9 @@ CODE_CHECKS = {"view_dyn_switch": r"\(2\*s\d+\) // \(2 \+ s\d+\)",
                "view_dyn_switch_wide": r"(?s)(?=.*\(2\*s\d+\) // \(2 \+ s\d+\))"
                                        r".*\(2\*s\d+\) // \(5 \+ s\d+\)",
                "many_heads_dyn": r"\(2\*s\d+\) // \(64 \+ s\d+\)"}
-RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16}
+RESIZE_CACHES = {"view_dyn_cache": 16, "hnd_dyn_cache": 16, "view_dyn_cache_dyn_t": 16,
+                 "hf_static_dyn_cache": 24}
+RESIZE_DIM = {"hf_static_dyn_cache": 2}  # the cache dim RESIZE_CACHES sets (default: 0)
 BLOCK_OVERRIDE = {"view_dyn_block_t2": (2, 4, 2)}  # (BLOCK_T, BLOCK_H, num_warps)
 # --mode cuda's default: one form per feature of the launch path (offsets into a shared base,
 # fp8 bitcast, dynamic grid, gate, no cache, BLOCK_T > 1), most important first (--budget cuts
@@ -424,7 +429,7 @@ def compile_one(mode, name, codes, verbose):
 
     if name in RESIZE_CACHES:  # the first compile, with the caches as built (not checked)
         call(fusion_pass.FusionPass(allow_cpu=device == "cpu"), args)
-        args = resize_caches(args, RESIZE_CACHES[name])
+        args = resize_caches(args, RESIZE_CACHES[name], dim=RESIZE_DIM.get(name, 0))
         Recorder.clear(), codes.clear()
     before = clone_args(args)
     fp = fusion_pass.FusionPass(allow_cpu=device == "cpu", inductor_launch=True,
@@ -661,7 +666,7 @@ def interp_one(name, verbose):
         with torch.no_grad():
             compiled(*args)
         passes.pop()
-        args = resize_caches(args, RESIZE_CACHES[name])
+        args = resize_caches(args, RESIZE_CACHES[name], dim=RESIZE_DIM.get(name, 0))
         Recorder.clear()
     before = clone_args(args)
     if dynamic:
@@ -687,7 +692,8 @@ def interp_one(name, verbose):
             if not kw["V_IN_K_BASE"]:
                 assert kw["v_base"].op == "placeholder", "the V cache is not the graph input"
             if name in RESIZE_CACHES:
-                assert not isinstance(kw["k_base"].meta["val"].shape[0], int), \
+                dim = RESIZE_DIM.get(name, 0)
+                assert not isinstance(kw["k_base"].meta["val"].shape[dim], int), \
                     "the caches' size is not dynamic in the second compile"
     check_numerics(name, fn, args, out, before)
     if verbose:

@@ -542,7 +542,8 @@ def _slots(b: Builder, cw: CacheWrite, providers) -> Node:
         return b.call(aten.add.Tensor, (b.call(aten.mul.Tensor, (blk, bs)), off))
     # Hugging Face StaticCache: token (b, s) -> b * L + cache_position[s]
     (pos,) = cw.slot_args
-    nb, length = cw.size[0], cw.size[2]
+    # symbolic after a recompile with another batch or max_cache_len: read from the graph
+    nb, length = b.size(cw.size[0], providers), b.size(cw.size[2], providers)
     pos = _wrap_negative(b, b.flat1d(pos), length)
     pv = tensor_val(pos)
     # prims.iota, not aten.arange: post-grad graphs are already decomposed (Inductor on CUDA

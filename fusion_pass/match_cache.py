@@ -256,7 +256,9 @@ def _broadcast_shape(shapes: list) -> list:
 
 
 def _is_base_itself(self_n, base, sv, bv, indices):
-    """'nhd'/'hnd'/'flat' when the op can be handed the 4-D graph input itself."""
+    """'nhd'/'hnd'/'flat'/'static' when the op can be handed the 4-D graph input itself
+    (its sizes may then be symbolic: a block count, or a StaticCache's batch and length after
+    a recompile with a new ``max_cache_len``)."""
     if storage_offset_differs(sv, bv) or bv.dim() != 4 or bv.stride(-1) != 1:
         return None
     if self_n is base:
@@ -264,6 +266,8 @@ def _is_base_itself(self_n, base, sv, bv, indices):
             return "nhd"
         if len(indices) == 3 and indices[1] is None and indices[0] is not None:
             return "hnd"
+        if len(indices) == 3 and indices[0] is None and indices[1] is None:
+            return "static"  # [B, H, L, D].index_copy_(2, cache_position, k)
         return None
     # cache.view(-1, H, D)[slot] on a [nb, bs, H, D] input whose rows are contiguous
     if sv.dim() == 3 and len(indices) == 1 and indices[0] is not None and \
@@ -287,16 +291,19 @@ def _aliased_write(ip, base, bv, kind, indices, values, copy_node) -> CacheWrite
     value, fp8, as_uint8, scale, post = _strip_value(values)
     _check_value_dtype(bv, fp8, as_uint8)
     kv_dtype = "auto" if not as_uint8 else ("fp8_e4m3" if fp8 == torch.float8_e4m3fn else "fp8_e5m2")
-    layout = LAYOUT_HND if kind == "hnd" else LAYOUT_NHD
+    layout = LAYOUT_HND if kind in ("hnd", "static") else LAYOUT_NHD
+    shape_kind = "T,H,D"
     if kind == "flat":
         kind_args = ("slot", (indices[0],))
+    elif kind == "static":
+        kind_args, shape_kind = ("static", (indices[2],)), "B,H,S,D"
     else:
         blk, off = indices[0], indices[-1]
         bs = bv.shape[1] if layout == LAYOUT_NHD else bv.shape[2]
         slot = _decode_blk_off(blk, off, bs)
         kind_args = ("slot", (slot,)) if slot is not None else ("blk_off", (blk, off))
     return CacheWrite(ip, base, tuple(bv.shape), tuple(bv.stride()), bv.storage_offset(), layout,
-                      kind_args[0], kind_args[1], value, "T,H,D", fp8,
+                      kind_args[0], kind_args[1], value, shape_kind, fp8,
                       kv_dtype, scale, _full_value_nodes(ip, base, copy_node), copy_node,
                       alias=True, post_views=post)
 

@@ -313,17 +313,20 @@ def clone_args(args):
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def resize_caches(args, blocks, seed=1):
+def resize_caches(args, blocks, seed=1, dim=0):
     """``args`` with new random caches (same dtype, layout, device) of ``blocks`` blocks in
     dim 0 (an int, or one per cache: K, V): a call that makes Dynamo recompile with a dynamic
-    cache size.  The slots stay valid (they index the first 8 * 4 - 1 rows)."""
+    cache size.  The slots stay valid (they index the first 8 * 4 - 1 rows).  ``dim=2``
+    resizes a StaticCache's length instead (``max_cache_len``; its positions are below 16)."""
     g = torch.Generator().manual_seed(seed)
     caches = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() >= 4]
     blocks = [blocks] * len(caches) if isinstance(blocks, int) else list(blocks)
     out = list(args)
     for i, nb in zip(caches, blocks):
         a = args[i]
-        x = torch.randn((nb,) + tuple(a.shape[1:]), generator=g) * 50
+        shape = list(a.shape)
+        shape[dim] = nb
+        x = torch.randn(shape, generator=g) * 50
         out[i] = x.to(a.device).to(a.dtype)
     return out
 

@@ -15,6 +15,7 @@ second compile: the cache write fused, no buffer sized like a cache in the gener
 scenario on the Inductor-launch path (CUDA code, fake target on the CPU):
 benchmarks/check_inductor_launch.py's ``*_dyn_cache`` forms, run here in a subprocess.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -96,6 +97,35 @@ def test_recompile_with_dynamic_cache_size_fuses_in_place(cache, dynamic_tokens)
         assert_numerics(fn, args, out, before)
 
 
+@pytest.mark.parametrize("change", ["length", "batch", "length_dynamic_T"])
+def test_recompile_with_new_static_cache_size_fuses_in_place(change):
+    """Hugging Face StaticCache ``[B, H, L, D]``: a generate() call with another
+    ``max_cache_len`` (or batch size) recompiles with L (or B) symbolic.  The write used to be
+    rejected there ("cache view has dynamic shape"); the op now takes the cache input itself,
+    with B and L read from the graph for the slots (b * L + cache_position)."""
+    form = Form(split="separate", hf=True, cache="static", table="gathered", rope="rotate_half")
+    fn, args16 = build(form)
+    if change == "batch":  # every input's batch dim changes with the cache's
+        calls = [args16] + [build(dataclasses.replace(form, B=b))[1] for b in (3, 5)]
+    else:
+        calls = [args16] + [resize_caches(args16, n, seed, dim=2)
+                            for seed, n in ((1, 24), (2, 40))]
+    fpass = fusion_pass.FusionPass(allow_cpu=True)
+    runs = _compile_calls(fn, fpass, calls, change == "length_dynamic_T")
+    report = fpass.report
+    assert report.counts["graphs"] == 2, f"expected 2 compiles (the third call reuses the " \
+        f"dynamic graph):\n{report}"
+    assert all(c.status == "fused" and c.op == FUSED_CACHE for c in report.candidates), \
+        f"the cache write is not fused in every compile:\n{report}"
+    args, out, code, ops, before = runs[1]
+    assert cache_symbols(code), "the second compile did not make the cache size dynamic"
+    assert "index_put" not in code and "index_copy" not in code, "an unfused cache write"
+    assert_no_cache_copy(code, args)
+    for args, out, code, ops, before in runs:
+        assert ops == ["split_norm_rope_cache"], f"op calls {ops}"
+        assert_numerics(fn, args, out, before)
+
+
 def test_k_and_v_caches_of_different_sizes():
     """K and V caches that differ in size are not the op's (one geometry): that compile
     fuses without the cache write (Inductor writes the caches), and stays correct.  Guards
@@ -117,13 +147,15 @@ def test_k_and_v_caches_of_different_sizes():
 
 def test_inductor_launch_dynamic_cache_forms():
     """The Inductor-launch path (CUDA wrapper code for a fake target, and the post-grad graph
-    run under the interpreter): benchmarks/check_inductor_launch.py's dynamic-cache forms, and
+    run under the interpreter): benchmarks/check_inductor_launch.py's dynamic-cache forms (a
+    StaticCache of a new length among them), and
     a dynamic T with ``dynamic_tiles="prefill"`` (its launch must carry the T=1024 tiles),
     and dynamic T run past the large-T switch (lowered to T=4 for those forms), with larger
     tiles there (int32 offsets, int64 ones with int32 turned off, and both past a lowered
     int32 bound) and with the same one-token tiles, and the switch at T=128 for 64 heads a
     token at D=128."""
-    forms = ("view_dyn_cache,hnd_dyn_cache,view_dyn_cache_dyn_t,gated_dyn_prefill,"
+    forms = ("view_dyn_cache,hnd_dyn_cache,view_dyn_cache_dyn_t,hf_static_dyn_cache,"
+             "gated_dyn_prefill,"
              "view_dyn_switch,view_dyn_switch_int64,view_dyn_switch_wide,d256_kv8_dyn_switch,"
              "many_heads_dyn")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -131,4 +163,4 @@ def test_inductor_launch_dynamic_cache_forms():
     p = subprocess.run([sys.executable, "benchmarks/check_inductor_launch.py", "--forms", forms],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert p.stdout.count("PASS") == 18, p.stdout
+    assert p.stdout.count("PASS") == 20, p.stdout
