@@ -228,9 +228,9 @@ def _layer(inp: tuple, kw: dict):
 def one_off_signatures(lo: int = 66, hi: int = 240) -> None:
     """Host time a call when every call has a new T (eager prefills: no T repeats), T = lo
     to hi - 1, each once, on slices of one input (the slicing counted).  One tile bucket
-    (64 <= T < 256), whose kernel variants (T divisible by 16 or not; with the register
-    budget up to T = 220 on 132 SMs, without from there) are compiled by calls at T = 64,
-    65, 240 and 241 before: no compile in the loop."""
+    (64 <= T < 256), whose kernel variants (T divisible by 16 or not, with the register
+    budget) are compiled by calls at T = 64, 65, 240 and 241 before: no compile in the
+    loop."""
     big, kwb, _ = make_inputs("qwen3-8b", 242, False)
     qkv, qw, kw_, cos_sin, pos, kc, vc, slots, ks, vs = big
 

@@ -533,16 +533,18 @@ def _slots(b: Builder, cw: CacheWrite, providers) -> Node:
     """Slot per token, in indexing semantics of the replaced write."""
     if cw.slot_kind == "slot":
         return b.flat1d(cw.slot_args[0])
+    # a cache's sizes are symbolic after a recompile with another size (a block count, a
+    # StaticCache's batch or length): the graph reads them from the cache input itself
+    providers = list(providers) + [cw.base]
     if cw.slot_kind == "blk_off":
         blk, off = cw.slot_args
-        nb = cw.size[0]
-        bs = cw.size[1] if cw.layout == 0 else cw.size[2]
+        nb = b.size(cw.size[0], providers)
+        bs = b.size(cw.size[1] if cw.layout == 0 else cw.size[2], providers)
         # Negative indices count from the end of their own dim, as indexing does.
         blk, off = _wrap_negative(b, b.flat1d(blk), nb), _wrap_negative(b, b.flat1d(off), bs)
         return b.call(aten.add.Tensor, (b.call(aten.mul.Tensor, (blk, bs)), off))
     # Hugging Face StaticCache: token (b, s) -> b * L + cache_position[s]
     (pos,) = cw.slot_args
-    # symbolic after a recompile with another batch or max_cache_len: read from the graph
     nb, length = b.size(cw.size[0], providers), b.size(cw.size[2], providers)
     pos = _wrap_negative(b, b.flat1d(pos), length)
     pv = tensor_val(pos)

@@ -618,6 +618,8 @@ _LATE_MAX_REGS: Optional[int] = 64
 # 5.51 -> 3.47 / 5.38, Qwen3-8B T = 255 2.67 -> 2.57.  One forced tile lost: GLM-4.5 T=128 in
 # one-token programs (54 warps an SM, one wave at ptxas's 32 registers, 1.13 at the budget's
 # 38) 2.98 -> 3.14; the heuristic gives that shape two-token tiles from T=64 (2.92 -> 2.67).
+# Early-load tiles of 32 elements a thread (D=512 with 8 KV heads) lost the budget with this
+# rule (untimed; the late-load ones of that size were the 50% loss above).
 _BUDGET_WARPS_PER_SM = 128
 _INT32_SPAN = 1 << 30  # offsets must stay below 2^31: a factor 2 for masked lanes' offsets
 _launcher: Optional[CachedLauncher] = None

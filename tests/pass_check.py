@@ -41,25 +41,47 @@ def cache_numels(args):
     return [a.numel() for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4]
 
 
+def size_tuples(code: str, call: str) -> list:
+    """The size tuples (as lists of dim expressions) of every ``call`` in generated code:
+    ``call`` is a regex ending where the tuple's ``(`` starts, e.g. ``empty_strided_\\w+\\(``.
+    Parentheses inside a dim (``(1 + s0)//2``) are balanced, not cut at."""
+    out = []
+    for m in re.finditer(call + r"\(", code):
+        depth, i = 0, m.end() - 1
+        for j in range(i, len(code)):
+            depth += {"(": 1, ")": -1}.get(code[j], 0)
+            if depth == 0:
+                break
+        dims, depth, cur = [], 0, ""
+        for ch in code[i + 1: j]:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                dims.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        out.append([x.strip() for x in dims + [cur] if x.strip()])
+    return out
+
+
+_INPUT_SIZES = r"assert_size_stride\(\w+, "
+_BUFFERS = r"empty_strided_\w+\("
+
+
 def cache_symbols(code: str) -> set:
     """Symbols (``s0``...) in the sizes of the generated code's cache inputs (the inputs of 4
     or more dims, as ``cache_numels`` counts them): the caches' dynamic sizes."""
-    syms = set()
-    for m in re.finditer(r"assert_size_stride\(\w+, \(([^)]*)\)", code):
-        dims = [x for x in m.group(1).split(",") if x.strip()]
-        if len(dims) >= 4:
-            syms |= {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
-    return syms
+    return {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) >= 4
+            for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
 
 
-def _sizes_at(dims: str, syms: set, big: int) -> int:
+def _numel_at(dims: list, syms: set, big: int) -> int:
     """Element count of a size tuple of the generated code, with the symbols in ``syms`` set
     to ``big`` and every other (a token count) to 1."""
-    env = {name: big if name in syms else 1 for name in re.findall(r"\b[su]\d+\b", dims)}
     n = 1
-    for x in dims.split(","):
-        if x.strip():
-            n *= int(eval(x, {"__builtins__": {}}, env))  # sympy's printout: + - * // ( )
+    for x in dims:
+        env = {name: big if name in syms else 1 for name in re.findall(r"\b[su]\d+\b", x)}
+        n *= int(eval(x, {"__builtins__": {}}, env))  # sympy's printout: + - * // ( )
     return n
 
 
@@ -68,16 +90,21 @@ def assert_no_cache_copy(code: str, args) -> None:
 
     With a dynamic cache size (a symbol in a cache input's size), sizes are compared with
     that symbol set large: a copy of a cache is as large as the cache for every value, while
-    a buffer sized by a batch the cache shares (a StaticCache's) holds one step's tokens."""
+    a buffer sized by a batch the cache shares (a StaticCache's) holds one step's tokens.  A
+    5-D input (``kv_cache[2, ...]``) counts as its halves."""
     syms = cache_symbols(code)
     big = 1 << 20
-    caches = [_sizes_at(m.group(1), syms, big)
-              for m in re.finditer(r"assert_size_stride\(\w+, \(([^)]*)\)", code)
-              if len([x for x in m.group(1).split(",") if x.strip()]) >= 4]
-    smallest = min(caches or cache_numels(args))
-    for m in re.finditer(r"empty_strided_\w+\(\(([^)]*)\)", code):
-        n = _sizes_at(m.group(1), syms, big)
-        assert n < smallest, f"a buffer of {n} elements (a cache copy?) in: {m.group(0)}" + \
+    caches = []
+    for dims in size_tuples(code, _INPUT_SIZES):
+        if len(dims) >= 4:
+            n = _numel_at(dims, syms, big)
+            caches.append(n // _numel_at(dims[:1], syms, big) if len(dims) == 5 else n)
+    halves = [a.numel() // a.shape[0] for a in args
+              if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
+    smallest = min(caches or cache_numels(args) + halves)
+    for dims in size_tuples(code, _BUFFERS):
+        n = _numel_at(dims, syms, big)
+        assert n < smallest, f"a buffer of {n} elements (a cache copy?): {dims}" + \
             (f" (cache symbols {sorted(syms)} set to {big})" if syms else "")
 
 

@@ -585,8 +585,9 @@ def test_register_budget_goes_to_launches_that_fit(monkeypatch):
     ones.  GLM-4.5 on 132 multiprocessors takes it at T=32 (448 programs of 4 warps, one token
     each), T=64 and T=192 (448 and 1344 programs of two tokens, early loads) and T=256 (1792
     programs: 54 warps an SM, late loads), but not at T=768 (163 warps an SM), nor Qwen3-Next's
-    one-warp tiles of 32 elements a thread at T=1024.  No device without the option (the CPU)
-    takes either."""
+    one-warp tiles of 32 elements a thread at T=1024, nor early-load tiles of 32 elements a
+    thread (D=512 with 8 KV heads, T=16).  No device without the option (the CPU) takes
+    either."""
     from kernels import triton_kernel
     seen = []
 
@@ -606,10 +607,12 @@ def test_register_budget_goes_to_launches_that_fit(monkeypatch):
     triton_kernel.launch(*make_args(Case(T=768, **dict(glm, num_blocks=100))))
     nxt = dict(hq=16, hkv=2, d=256, rotary_dim=64, num_blocks=130, block_size=16)
     triton_kernel.launch(*make_args(Case(T=1024, **nxt)))
+    wide = dict(hq=16, hkv=8, d=512, rotary_dim=512, num_blocks=8, block_size=16)
+    triton_kernel.launch(*make_args(Case(T=16, **wide)))
     budget, late = triton_kernel._EARLY_MAX_REGS, triton_kernel._LATE_MAX_REGS
     assert budget is not None and late is not None
     assert seen == [(448, None), (448, budget), (448, budget), (1344, budget), (1792, late),
-                    (5376, None), (6144, None)]
+                    (5376, None), (6144, None), (64, None)]
 
 
 def test_mid_t_tiles_for_many_head_models():

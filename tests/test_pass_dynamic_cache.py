@@ -17,6 +17,7 @@ benchmarks/check_inductor_launch.py's ``*_dyn_cache`` forms, run here in a subpr
 """
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -66,6 +67,7 @@ def _compile_calls(fn, fpass, calls, dynamic_tokens=False):
                 torch._dynamo.maybe_mark_dynamic(args[0], 1)
                 torch._dynamo.maybe_mark_dynamic(args[4], 1)
                 torch._dynamo.maybe_mark_dynamic(args[5], 0)
+                torch._dynamo.maybe_mark_dynamic(args[6], 0)  # a StaticCache's positions [S]
             before = clone_args(args)
             out, codes = _run_and_get_code(compiled, args)
             res.append((args, out, "\n".join(codes), _fused_ops(compiled, args), before))
@@ -119,6 +121,10 @@ def test_recompile_with_new_static_cache_size_fuses_in_place(change):
         f"the cache write is not fused in every compile:\n{report}"
     args, out, code, ops, before = runs[1]
     assert cache_symbols(code), "the second compile did not make the cache size dynamic"
+    if change == "length_dynamic_T":  # x_in [B, S, hidden] with S a symbol
+        assert re.search(r"assert_size_stride\(\w+, \(2, s\d+, 32\)", code), \
+            "the token count is not dynamic"
+    assert FUSED_CACHE in code and not NOCACHE_RE.search(code), code
     assert "index_put" not in code and "index_copy" not in code, "an unfused cache write"
     assert_no_cache_copy(code, args)
     for args, out, code, ops, before in runs:
