@@ -88,11 +88,15 @@ def _numel_at(dims: list, syms: set, big: int) -> int:
 def assert_no_cache_copy(code: str, args) -> None:
     """No buffer as large as a cache is allocated: the caches are written in place.
 
-    With a dynamic cache size (a symbol in a cache input's size), sizes are compared with
-    that symbol set large: a copy of a cache is as large as the cache for every value, while
-    a buffer sized by a batch the cache shares (a StaticCache's) holds one step's tokens.  A
-    5-D input (``kv_cache[2, ...]``) counts as its halves."""
+    With a dynamic cache size (a symbol in a cache input's size), no buffer is sized by a
+    symbol only caches have (a block count, a StaticCache's length), and sizes are compared
+    with the caches' symbols set large: a copy of a cache is as large as the cache for every
+    value, while a buffer sized by a batch the cache shares with the activations (a
+    StaticCache's) holds one step's tokens.  A 5-D input (``kv_cache[2, ...]``) counts as its
+    halves."""
     syms = cache_symbols(code)
+    shared = {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) < 4
+              for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
     big = 1 << 20
     caches = []
     for dims in size_tuples(code, _INPUT_SIZES):
@@ -103,6 +107,8 @@ def assert_no_cache_copy(code: str, args) -> None:
               if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
     smallest = min(caches or cache_numels(args) + halves)
     for dims in size_tuples(code, _BUFFERS):
+        used = (syms - shared) & {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+        assert not used, f"a buffer sized by the cache's {sorted(used)} (a cache copy?): {dims}"
         n = _numel_at(dims, syms, big)
         assert n < smallest, f"a buffer of {n} elements (a cache copy?): {dims}" + \
             (f" (cache symbols {sorted(syms)} set to {big})" if syms else "")
