@@ -28,9 +28,10 @@ from torch._inductor.graph import GraphLowering
 
 import fusion_pass
 
+from .conftest import DEVICES
 from .model_forms import Form, build, clone_args, resize_caches
-from .pass_check import (FUSED_CACHE, NOCACHE_RE, assert_no_cache_copy, assert_numerics,
-                         cache_symbols)
+from .pass_check import (FUSED_CACHE, INDUCTOR_LAUNCH, LAUNCH_RE, NOCACHE_RE,
+                         assert_no_cache_copy, assert_numerics, cache_symbols)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,22 +78,27 @@ def _compile_calls(fn, fpass, calls, dynamic_tokens=False):
 CACHES = ["view", "nhd", "hnd", "index_copy", "fp8"]
 
 
-def _check_recompiled(fn, fpass, runs) -> str:
+def _check_recompiled(fn, fpass, runs, launch: bool = False) -> str:
     """Two compiles (the third call reused the dynamic graph), the cache write fused in each,
-    the second one's cache size symbolic, written in place; every call right.  Returns the
-    second compile's code."""
+    the second one's cache size symbolic, written in place; every call right.  ``launch``:
+    CUDA, where Inductor's code launches the kernel itself (no custom op is called).  Returns
+    the second compile's code."""
     report = fpass.report
+    op = INDUCTOR_LAUNCH if launch else FUSED_CACHE
     assert report.counts["graphs"] == 2, f"expected 2 compiles (the third call reuses the " \
         f"dynamic graph):\n{report}"
-    assert all(c.status == "fused" and c.op == FUSED_CACHE for c in report.candidates), \
+    assert all(c.status == "fused" and c.op == op for c in report.candidates), \
         f"the cache write is not fused in every compile:\n{report}"
     args, out, code, ops, before = runs[1]
     assert cache_symbols(code), "the second compile did not make the cache size dynamic"
-    assert FUSED_CACHE in code and not NOCACHE_RE.search(code), code
+    if launch:
+        assert LAUNCH_RE.search(code) and "fused_qkv." not in code, code
+    else:
+        assert FUSED_CACHE in code and not NOCACHE_RE.search(code), code
     assert "index_put" not in code and "index_copy" not in code, "an unfused cache write"
     assert_no_cache_copy(code, args)
     for args, out, _, ops, before in runs:
-        assert ops == ["split_norm_rope_cache"], f"op calls {ops}"
+        assert ops == ([] if launch else ["split_norm_rope_cache"]), f"op calls {ops}"
         assert_numerics(fn, args, out, before)
     return code
 
@@ -106,13 +112,16 @@ def test_recompile_with_dynamic_cache_size_fuses_in_place(cache, dynamic_tokens)
     _check_recompiled(fn, fpass, _compile_calls(fn, fpass, calls, dynamic_tokens))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("change", ["length", "batch", "length_dynamic_T"])
-def test_recompile_with_new_static_cache_size_fuses_in_place(change):
+def test_recompile_with_new_static_cache_size_fuses_in_place(change, device):
     """Hugging Face StaticCache ``[B, H, L, D]``: a generate() call with another
     ``max_cache_len`` (or batch size) recompiles with L (or B) symbolic.  The write used to be
     rejected there ("cache view has dynamic shape"); the op now takes the cache input itself,
-    with B and L read from the graph for the slots (b * L + cache_position)."""
-    form = Form(split="separate", hf=True, cache="static", table="gathered", rope="rotate_half")
+    with B and L read from the graph for the slots (b * L + cache_position).  On CUDA the
+    Inductor-launch path, with the real kernel."""
+    form = Form(split="separate", hf=True, cache="static", table="gathered", rope="rotate_half",
+                device=device)
     fn, args16 = build(form)
     if change == "batch":  # every input's batch dim changes with the cache's
         calls = [args16] + [build(dataclasses.replace(form, B=b))[1] for b in (3, 5)]
@@ -121,7 +130,7 @@ def test_recompile_with_new_static_cache_size_fuses_in_place(change):
                             for seed, n in ((1, 24), (2, 40))]
     fpass = fusion_pass.FusionPass(allow_cpu=True)
     runs = _compile_calls(fn, fpass, calls, change == "length_dynamic_T")
-    code = _check_recompiled(fn, fpass, runs)
+    code = _check_recompiled(fn, fpass, runs, launch=device == "cuda")
     if change == "length_dynamic_T":  # x_in [B, S, hidden] with S a symbol
         assert re.search(r"assert_size_stride\(\w+, \(2, s\d+, 32\)", code), \
             "the token count is not dynamic"
