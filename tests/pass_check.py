@@ -75,13 +75,13 @@ def cache_symbols(code: str) -> set:
             for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
 
 
-def _numel_at(dims: list, syms: set, big: int) -> int:
-    """Element count of a size tuple of the generated code, with the symbols in ``syms`` set
-    to ``big`` and every other (a token count) to 1."""
+def _numel_at(dims: list, env: dict) -> int:
+    """Element count of a size tuple of the generated code, with each symbol's value from
+    ``env`` (1 for a symbol it lacks: a token count)."""
     n = 1
     for x in dims:
-        env = {name: big if name in syms else 1 for name in re.findall(r"\b[su]\d+\b", x)}
-        n *= int(eval(x, {"__builtins__": {}}, env))  # sympy's printout: + - * // ( )
+        local = {name: env.get(name, 1) for name in re.findall(r"\b[su]\d+\b", x)}
+        n *= int(eval(x, {"__builtins__": {}}, local))  # sympy's printout: + - * // ( )
     return n
 
 
@@ -91,27 +91,35 @@ def assert_no_cache_copy(code: str, args) -> None:
     With a dynamic cache size (a symbol in a cache input's size), no buffer is sized by a
     symbol only caches have (a block count, a StaticCache's length), and sizes are compared
     with the caches' symbols set large: a copy of a cache is as large as the cache for every
-    value, while a buffer sized by a batch the cache shares with the activations (a
-    StaticCache's) holds one step's tokens.  A 5-D input (``kv_cache[2, ...]``) counts as its
-    halves."""
+    value.  A buffer sized by a batch the cache shares with the activations (a StaticCache's)
+    holds one step's tokens, which may outnumber a tiny cache's elements: it is a copy only
+    if its size equals a cache's for two values of the shared symbols.  A 5-D input
+    (``kv_cache[2, ...]``) counts as its halves."""
     syms = cache_symbols(code)
     shared = {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) < 4
               for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
-    big = 1 << 20
-    caches = []
-    for dims in size_tuples(code, _INPUT_SIZES):
-        if len(dims) >= 4:
-            n = _numel_at(dims, syms, big)
-            caches.append(n // _numel_at(dims[:1], syms, big) if len(dims) == 5 else n)
+    cache_dims = [d for d in size_tuples(code, _INPUT_SIZES) if len(d) >= 4]
+
+    def cache_sizes(env: dict) -> list:
+        return [_numel_at(d, env) // (_numel_at(d[:1], env) if len(d) == 5 else 1)
+                for d in cache_dims]
+
+    big = {s: 1 << 20 for s in syms}
     halves = [a.numel() // a.shape[0] for a in args
               if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
-    smallest = min(caches or cache_numels(args) + halves)
+    smallest = min(cache_sizes(big) or cache_numels(args) + halves)
     for dims in size_tuples(code, _BUFFERS):
-        used = (syms - shared) & {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+        names = {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+        used = (syms - shared) & names
         assert not used, f"a buffer sized by the cache's {sorted(used)} (a cache copy?): {dims}"
-        n = _numel_at(dims, syms, big)
+        if names & syms & shared:
+            envs = [{**big, **{s: v for s in shared}} for v in (3, 7)]
+            assert not all(_numel_at(dims, e) in cache_sizes(e) for e in envs), \
+                f"a buffer as large as a cache for every batch (a cache copy?): {dims}"
+            continue
+        n = _numel_at(dims, big)
         assert n < smallest, f"a buffer of {n} elements (a cache copy?): {dims}" + \
-            (f" (cache symbols {sorted(syms)} set to {big})" if syms else "")
+            (f" (cache symbols {sorted(syms)} set to {1 << 20})" if syms else "")
 
 
 def assert_numerics(fn, args, out, args_before):

@@ -174,3 +174,20 @@ def test_inductor_launch_dynamic_cache_forms():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert p.stdout.count("PASS") == 20, p.stdout
+
+
+def test_no_cache_copy_check_tells_copies_from_batch_outputs():
+    """``assert_no_cache_copy`` on generated code with a StaticCache batch symbol ``s0`` shared
+    by the activations: a q output of more elements than the (tiny) cache passes, a buffer of
+    the cache's size for every batch fails, and so does one sized by the cache's length."""
+    inputs = ("assert_size_stride(arg0_1, (s0, 16, 96), (1536, 96, 1))\n"
+              "assert_size_stride(arg7_1, (s0, 2, 16, 64), (2048, 1024, 64, 1))\n")
+    ok = inputs + "buf0 = empty_strided_cuda((16*s0, 4, 64), (256, 64, 1), torch.float32)\n"
+    assert_no_cache_copy(ok, [])
+    copy = inputs + "buf1 = empty_strided_cuda((s0, 2, 16, 64), (2048, 1024, 64, 1), f32)\n"
+    with pytest.raises(AssertionError, match="for every batch"):
+        assert_no_cache_copy(copy, [])
+    by_length = ("assert_size_stride(arg7_1, (2, 2, s1, 64), (256*s1, 128*s1, 64, 1))\n"
+                 "buf1 = empty_strided_cuda((2, s1, 64), (64*s1, 64, 1), torch.float32)\n")
+    with pytest.raises(AssertionError, match=r"cache's \['s1'\]"):
+        assert_no_cache_copy(by_length, [])
