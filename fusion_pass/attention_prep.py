@@ -64,7 +64,8 @@ class Chain:
         norm = None
         if self.norm is not None:
             norm = "rms_norm" + ("(1+w)" if self.norm.offset else "") + \
-                ("" if self.norm.weight is not None else "(no weight)")
+                ("" if self.norm.weight is not None else "(no weight)") + \
+                ("(eps tensor)" if self.norm.eps is None else "")
         cos = self.rope.cos
         table = ("cos_sin_cache[positions]" if cos.positions is not None else "per-token cos/sin")
         return {"split": _split_form(self.src), "norm": norm,

@@ -71,6 +71,12 @@ def norms(nq, nk) -> None:
           f"norm on {'Q' if nq is not None else 'K'} only")
     if nq is None:
         return
+    tensor_eps = [n.eps_node.name for n in (nq, nk) if n.eps is None]
+    check("eps", not tensor_eps,
+          f"eps is a tensor input ({', '.join(tensor_eps)}), known only at run time: "
+          "torch.compile(dynamic=True) passes float attributes (a norm's variance_epsilon) as "
+          "tensors. Set torch._dynamo.config.specialize_float = True (floats traced as "
+          "constants) or keep dynamic=None")
     check("eps", nq.eps == nk.eps, f"eps differs on Q ({nq.eps:g}) and K ({nk.eps:g})")
     check("norm_offset", nq.offset == nk.offset,
           f"weight offset differs on Q ({nq.offset}) and K ({nk.offset})")

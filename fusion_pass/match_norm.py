@@ -21,12 +21,28 @@ class NormMatch:
     x: Node  # its input (before any cast to float32)
     weight: Optional[Node]
     offset: float
-    eps: float
+    eps: Optional[float]  # None: eps is the tensor ``eps_node`` (not fusable, see _eps_tensor)
     nodes: set  # the norm's own nodes
+    eps_node: Optional[Node] = None
+
+
+def _eps_tensor(n) -> Optional[Node]:
+    """``n`` is a 0-d float tensor that is a graph input, maybe cast: how Dynamo passes a float
+    attribute (a norm's ``variance_epsilon``) under ``torch.compile(dynamic=True)``, where floats
+    are not specialised.  Its value is only known at run time, so the chain is matched (for
+    the report) and then refused by the ``eps`` guard.  Returns the input."""
+    while is_cast(n):
+        n = n.args[0]
+    v = tensor_val(n)
+    if isinstance(n, Node) and n.op == "placeholder" and v is not None and v.dim() == 0 \
+            and v.is_floating_point():
+        return n
+    return None
 
 
 def _core(n) -> Optional[tuple]:
-    """n == xc * rsqrt(mean(xc**2) + eps) -> (xc, eps, nodes)."""
+    """n == xc * rsqrt(mean(xc**2) + eps) -> (xc, eps, nodes); eps: a number, or the graph
+    input of a tensor eps (``_eps_tensor``)."""
     if not is_op(n, aten.mul.Tensor):
         return None
     for xc, r in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
@@ -35,10 +51,14 @@ def _core(n) -> Optional[tuple]:
         add = r.args[0]
         if not is_op(add, aten.add.Scalar, aten.add.Tensor):
             continue
-        mean, eps = add.args[0], add.args[1]
-        if isinstance(eps, Node) or not isinstance(eps, (int, float)):
-            mean, eps = add.args[1], add.args[0]
-        if isinstance(eps, Node) or not isinstance(eps, (int, float)):
+        for mean, eps in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            if not isinstance(eps, Node) and isinstance(eps, (int, float)):
+                eps = float(eps)
+                break
+            if is_op(mean, aten.mean.dim) and _eps_tensor(eps) is not None:
+                eps = _eps_tensor(eps)
+                break
+        else:
             continue
         if not is_op(mean, aten.mean.dim):
             continue
@@ -50,7 +70,7 @@ def _core(n) -> Optional[tuple]:
         pw = mean.args[0]
         if not is_op(pw, aten.pow.Tensor_Scalar) or pw.args[1] != 2 or pw.args[0] is not xc:
             continue
-        return xc, float(eps), {n, r, add, mean, pw}
+        return xc, eps, {n, r, add, mean, pw}
     return None
 
 
@@ -104,6 +124,8 @@ def match_norm(out: Node) -> Optional[NormMatch]:
     if is_cast(x):
         nodes.add(x)
         x = x.args[0]
+    if isinstance(eps, Node):
+        return NormMatch(out, x, weight, offset, None, nodes, eps_node=eps)
     return NormMatch(out, x, weight, offset, eps, nodes)
 
 

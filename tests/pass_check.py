@@ -68,19 +68,35 @@ _INPUT_SIZES = r"assert_size_stride\(\w+, "
 _BUFFERS = r"empty_strided_\w+\("
 
 
+def _symbols(code: str, text: str) -> set:
+    """The symbols (``s0``, ``u0``) in ``text``, each named as in the sizes of the generated
+    code's inputs: the code's ``s47 = s11`` lines alias symbols that Dynamo found equal (a
+    StaticCache's batch and the activations')."""
+    alias = dict(re.findall(r"^\s*([su]\d+) = ([su]\d+)\s*$", code, re.M))
+    out = set()
+    for s in re.findall(r"\b[su]\d+\b", text):
+        seen = set()
+        while s in alias and s not in seen:
+            seen.add(s)
+            s = alias[s]
+        out.add(s)
+    return out
+
+
 def cache_symbols(code: str) -> set:
     """Symbols (``s0``...) in the sizes of the generated code's cache inputs (the inputs of 4
     or more dims, as ``cache_numels`` counts them): the caches' dynamic sizes."""
     return {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) >= 4
-            for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+            for x in dims for s in _symbols(code, x)}
 
 
-def _numel_at(dims: list, env: dict) -> int:
-    """Element count of a size tuple of the generated code, with each symbol's value from
-    ``env`` (1 for a symbol it lacks: a token count)."""
+def _numel_at(dims: list, env: dict, code: str = "") -> int:
+    """Element count of a size tuple of the generated code ``code``, with each symbol's value
+    from ``env`` (by its name in the inputs' sizes; 1 for a symbol it lacks: a token count)."""
     n = 1
     for x in dims:
-        local = {name: env.get(name, 1) for name in re.findall(r"\b[su]\d+\b", x)}
+        local = {name: env.get(next(iter(_symbols(code, name))), 1)
+                 for name in re.findall(r"\b[su]\d+\b", x)}
         n *= int(eval(x, {"__builtins__": {}}, local))  # sympy's printout: + - * // ( )
     return n
 
@@ -93,31 +109,37 @@ def assert_no_cache_copy(code: str, args) -> None:
     with the caches' symbols set large: a copy of a cache is as large as the cache for every
     value.  A buffer sized by a batch the cache shares with the activations (a StaticCache's)
     holds one step's tokens, which may outnumber a tiny cache's elements: it is a copy only
-    if its size equals a cache's for two values of the shared symbols.  A 5-D input
-    (``kv_cache[2, ...]``) counts as its halves."""
+    if its size equals a cache's for two values of the shared symbols.  Index buffers (int32,
+    int64) may be sized by a cache's symbol.  A 5-D input (``kv_cache[2, ...]``) counts as its
+    halves."""
     syms = cache_symbols(code)
     shared = {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) < 4
-              for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+              for x in dims for s in _symbols(code, x)}
     cache_dims = [d for d in size_tuples(code, _INPUT_SIZES) if len(d) >= 4]
 
     def cache_sizes(env: dict) -> list:
-        return [_numel_at(d, env) // (_numel_at(d[:1], env) if len(d) == 5 else 1)
+        return [_numel_at(d, env, code) // (_numel_at(d[:1], env, code) if len(d) == 5 else 1)
                 for d in cache_dims]
 
     big = {s: 1 << 20 for s in syms}
     halves = [a.numel() // a.shape[0] for a in args
               if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
     smallest = min(cache_sizes(big) or cache_numels(args) + halves)
-    for dims in size_tuples(code, _BUFFERS):
-        names = {s for x in dims for s in re.findall(r"\b[su]\d+\b", x)}
+    # an index buffer (the slots, sized by a StaticCache's batch symbol when Dynamo keeps it
+    # apart from the activations') cannot hold a cache's values
+    index = [bool(re.search(r"torch\.(int32|int64)\)", m.group(0)))
+             for m in re.finditer(_BUFFERS + r".*", code)]
+    for dims, is_index in zip(size_tuples(code, _BUFFERS), index):
+        names = {s for x in dims for s in _symbols(code, x)}
         used = (syms - shared) & names
-        assert not used, f"a buffer sized by the cache's {sorted(used)} (a cache copy?): {dims}"
+        assert is_index or not used, \
+            f"a buffer sized by the cache's {sorted(used)} (a cache copy?): {dims}"
         if names & syms & shared:
             envs = [{**big, **{s: v for s in shared}} for v in (3, 7)]
-            assert not all(_numel_at(dims, e) in cache_sizes(e) for e in envs), \
+            assert not all(_numel_at(dims, e, code) in cache_sizes(e) for e in envs), \
                 f"a buffer as large as a cache for every batch (a cache copy?): {dims}"
             continue
-        n = _numel_at(dims, big)
+        n = _numel_at(dims, big, code)
         assert n < smallest, f"a buffer of {n} elements (a cache copy?): {dims}" + \
             (f" (cache symbols {sorted(syms)} set to {1 << 20})" if syms else "")
 

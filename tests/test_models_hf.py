@@ -228,10 +228,10 @@ def run_static(model, cfg, dtype: torch.dtype, device: str = "cpu", init=None):
     return logits, caches
 
 
-def compiled(model, device: str = "cpu"):
+def compiled(model, device: str = "cpu", dynamic: Optional[bool] = None):
     torch._dynamo.reset()
     backend = fusion_pass.make_backend(allow_cpu=device == "cpu")
-    return torch.compile(model, backend=backend), backend
+    return torch.compile(model, backend=backend, dynamic=dynamic), backend
 
 
 # ------------------------------------------------------------------------ checks
@@ -280,17 +280,21 @@ def check_numerics(fam: Family, got, eager, exact, what: str) -> None:
 
 # ------------------------------------------------------------------------ tests
 
-def check(name: str, attn: str, run, device: str = "cpu", dtype=torch.float32) -> None:
+def check(name: str, attn: str, run, device: str = "cpu", dtype=torch.float32,
+          dynamic: Optional[bool] = None, fam: Optional[Family] = None):
     """``dtype``: the model's weights and activations (the float64 run starts from the same,
-    rounded, weights and caches)."""
-    fam, cfg, model = build(name, attn)
+    rounded, weights and caches).  ``dynamic``: torch.compile's; ``fam``: what to expect, if
+    not the family's own.  Returns the pass's report."""
+    fam_, cfg, model = build(name, attn)
+    fam = fam or fam_
     model = model.to(device, dtype)
     eager = run(model, cfg, dtype, device, dtype)
     exact = run(copy.deepcopy(model).double(), cfg, torch.float64, device, dtype)
-    fn, backend = compiled(model, device)
+    fn, backend = compiled(model, device, dynamic)
     got, codes = run_and_get_code(run, fn, cfg, dtype, device, dtype)
     check_report(fam, cfg, backend.report, "\n".join(codes), device)
     check_numerics(fam, got, eager, exact, name)
+    return backend.report
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -306,6 +310,27 @@ STATIC = [n for n in FAMILIES if n != "glm4_moe_no_qk_norm"]
 def test_static_cache(name):
     """Hugging Face's own StaticCache (``index_copy_(2, cache_position, k)``), eager attention."""
     check(name, "eager", run_static)
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_dynamic_true_fuses_with_floats_specialized(device):
+    """``torch.compile(dynamic=True)``: Dynamo passes each norm's float ``variance_epsilon`` in
+    as a 0-d tensor, whose value the pass cannot know.  The chain is matched and refused by
+    the eps guard, which names the inputs and the fix, and the model still runs right; with
+    ``torch._dynamo.config.specialize_float = True`` the same compile fuses every layer."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    refused = dataclasses.replace(FAMILIES["qwen3"], fused=0,
+                                  reason="specialize_float = True")
+    report = check("qwen3", "eager", run_static, device, dtype, dynamic=True, fam=refused)
+    chains = [c for c in report.candidates if c.forms.get("rope")]
+    assert len(chains) == 2 * len(attention_layers(build("qwen3", "eager")[1])), str(report)
+    assert all(c.guard == "eps" and c.forms["norm"] == "rms_norm(eps tensor)" for c in chains), \
+        str(report)
+    with torch._dynamo.config.patch(specialize_float=True):
+        check("qwen3", "eager", run_static, device, dtype, dynamic=True)
 
 
 # --------------------------------------------------- projections padded by Inductor's pad_mm

@@ -179,7 +179,9 @@ def test_inductor_launch_dynamic_cache_forms():
 def test_no_cache_copy_check_tells_copies_from_batch_outputs():
     """``assert_no_cache_copy`` on generated code with a StaticCache batch symbol ``s0`` shared
     by the activations: a q output of more elements than the (tiny) cache passes, a buffer of
-    the cache's size for every batch fails, and so does one sized by the cache's length."""
+    the cache's size for every batch fails, and so does one sized by the cache's length.  A
+    symbol the code aliases to an input's (``s47 = s11``) is that input's; an index buffer
+    may be sized by the cache's own batch symbol (torch 2.11 keeps it apart)."""
     inputs = ("assert_size_stride(arg0_1, (s0, 16, 96), (1536, 96, 1))\n"
               "assert_size_stride(arg7_1, (s0, 2, 16, 64), (2048, 1024, 64, 1))\n")
     ok = inputs + "buf0 = empty_strided_cuda((16*s0, 4, 64), (256, 64, 1), torch.float32)\n"
@@ -187,6 +189,16 @@ def test_no_cache_copy_check_tells_copies_from_batch_outputs():
     copy = inputs + "buf1 = empty_strided_cuda((s0, 2, 16, 64), (2048, 1024, 64, 1), f32)\n"
     with pytest.raises(AssertionError, match="for every batch"):
         assert_no_cache_copy(copy, [])
+    aliased = ("    s47 = s11\n" + inputs.replace("s0", "s11") +
+               "buf3 = empty_strided_cuda((3*s47, ), (1, ), torch.int64)\n")
+    assert_no_cache_copy(aliased, [])  # slots sized by the cache's batch, Dynamo's alias
+    apart = ("    s11 = arg8_1\n    s47 = arg13_1\n" + inputs.replace("s0, 16", "s11, 16")
+             .replace("s0, 2", "s47, 2"))  # torch 2.11: the cache's batch its own input
+    assert_no_cache_copy(apart + "buf4 = empty_strided_cuda((3*s47, ), (1, ), torch.int64)\n",
+                         [])
+    with pytest.raises(AssertionError, match=r"cache's \['s47'\]"):
+        assert_no_cache_copy(apart + "buf4 = empty_strided_cuda((3*s47, 64), (64, 1), f32)\n",
+                             [])
     by_length = ("assert_size_stride(arg7_1, (2, 2, s1, 64), (256*s1, 128*s1, 64, 1))\n"
                  "buf1 = empty_strided_cuda((2, s1, 64), (64*s1, 64, 1), torch.float32)\n")
     with pytest.raises(AssertionError, match=r"cache's \['s1'\]"):
