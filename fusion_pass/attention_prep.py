@@ -250,8 +250,9 @@ def _pair(chains: list, report: Report, gid: int) -> list:
                     _independent(a, left[0]):
                 partner = left[0]
             if partner is None:
-                report.add(Candidate(gid, a.rope.out.name + _where(a.rope.out), a.forms(), "rejected",
-                                     "rope on one tensor only: no Q/K pair found", "pairing"))
+                report.add(Candidate(gid, a.rope.out.name + _where(a.rope.out), a.forms(),
+                                     "rejected", "rope on one tensor only: no Q/K pair found",
+                                     "pairing"))
                 continue
             left.remove(partner)
             q, k = _order(a, partner)

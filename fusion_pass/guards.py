@@ -71,9 +71,9 @@ def norms(nq, nk) -> None:
           f"norm on {'Q' if nq is not None else 'K'} only")
     if nq is None:
         return
-    tensor_eps = [n.eps_node.name for n in (nq, nk) if n.eps is None]
+    tensor_eps = list(dict.fromkeys(n.eps_node.name for n in (nq, nk) if n.eps is None))
     check("eps", not tensor_eps,
-          f"eps is a tensor input ({', '.join(tensor_eps)}), known only at run time: "
+          f"eps is a tensor input ({', '.join(tensor_eps)}), known only at run time: e.g. "
           "torch.compile(dynamic=True) passes float attributes (a norm's variance_epsilon) as "
           "tensors. Set torch._dynamo.config.specialize_float = True (floats traced as "
           "constants) or keep dynamic=None")

@@ -27,10 +27,11 @@ class NormMatch:
 
 
 def _eps_tensor(n) -> Optional[Node]:
-    """``n`` is a 0-d float tensor that is a graph input, maybe cast: how Dynamo passes a float
-    attribute (a norm's ``variance_epsilon``) under ``torch.compile(dynamic=True)``, where floats
-    are not specialised.  Its value is only known at run time, so the chain is matched (for
-    the report) and then refused by the ``eps`` guard.  Returns the input."""
+    """If ``n`` is a 0-d float graph input, maybe cast, return that input; else None.  That is
+    how Dynamo passes a float attribute (a norm's ``variance_epsilon``) under
+    ``torch.compile(dynamic=True)``, where floats are not specialised.  Its value is known
+    only at run time, so the chain is matched (for the report) and refused by the ``eps``
+    guard."""
     while is_cast(n):
         n = n.args[0]
     v = tensor_val(n)
@@ -55,8 +56,8 @@ def _core(n) -> Optional[tuple]:
             if not isinstance(eps, Node) and isinstance(eps, (int, float)):
                 eps = float(eps)
                 break
-            if is_op(mean, aten.mean.dim) and _eps_tensor(eps) is not None:
-                eps = _eps_tensor(eps)
+            if is_op(mean, aten.mean.dim) and (node := _eps_tensor(eps)) is not None:
+                eps = node
                 break
         else:
             continue

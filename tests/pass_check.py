@@ -41,10 +41,11 @@ def cache_numels(args):
     return [a.numel() for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4]
 
 
-def size_tuples(code: str, call: str) -> list:
-    """The size tuples (as lists of dim expressions) of every ``call`` in generated code:
-    ``call`` is a regex ending where the tuple's ``(`` starts, e.g. ``empty_strided_\\w+\\(``.
-    Parentheses inside a dim (``(1 + s0)//2``) are balanced, not cut at."""
+def _calls(code: str, call: str) -> list:
+    """(size tuple as a list of dim expressions, the rest of its line) for every ``call`` in
+    generated code: ``call`` is a regex ending where the tuple's ``(`` starts, e.g.
+    ``empty_strided_\\w+\\(``.  Parentheses inside a dim (``(1 + s0)//2``) are balanced,
+    not cut at."""
     out = []
     for m in re.finditer(call + r"\(", code):
         depth, i = 0, m.end() - 1
@@ -60,43 +61,55 @@ def size_tuples(code: str, call: str) -> list:
                 cur = ""
             else:
                 cur += ch
-        out.append([x.strip() for x in dims + [cur] if x.strip()])
+        eol = code.find("\n", j)
+        out.append(([x.strip() for x in dims + [cur] if x.strip()],
+                    code[j + 1: eol if eol >= 0 else len(code)]))
     return out
+
+
+def size_tuples(code: str, call: str) -> list:
+    """The size tuples of every ``call`` in generated code (see ``_calls``)."""
+    return [dims for dims, _ in _calls(code, call)]
 
 
 _INPUT_SIZES = r"assert_size_stride\(\w+, "
 _BUFFERS = r"empty_strided_\w+\("
+_SYM = r"\b[su]\d+\b"
 
 
-def _symbols(code: str, text: str) -> set:
-    """The symbols (``s0``, ``u0``) in ``text``, each named as in the sizes of the generated
-    code's inputs: the code's ``s47 = s11`` lines alias symbols that Dynamo found equal (a
-    StaticCache's batch and the activations')."""
+def _aliases(code: str) -> dict:
+    """The generated code's ``s47 = s11`` lines: symbols Dynamo found equal (a StaticCache's
+    batch and the activations'), each mapped to the end of its chain."""
     alias = dict(re.findall(r"^\s*([su]\d+) = ([su]\d+)\s*$", code, re.M))
-    out = set()
-    for s in re.findall(r"\b[su]\d+\b", text):
-        seen = set()
-        while s in alias and s not in seen:
-            seen.add(s)
-            s = alias[s]
-        out.add(s)
+    out = {}
+    for s in alias:
+        t, seen = s, set()
+        while t in alias and t not in seen:
+            seen.add(t)
+            t = alias[t]
+        out[s] = t
     return out
+
+
+def _symbols(text: str, alias: dict) -> set:
+    """The symbols (``s0``, ``u0``) in ``text``, aliases resolved (``_aliases``)."""
+    return {alias.get(s, s) for s in re.findall(_SYM, text)}
 
 
 def cache_symbols(code: str) -> set:
     """Symbols (``s0``...) in the sizes of the generated code's cache inputs (the inputs of 4
     or more dims, as ``cache_numels`` counts them): the caches' dynamic sizes."""
+    alias = _aliases(code)
     return {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) >= 4
-            for x in dims for s in _symbols(code, x)}
+            for x in dims for s in _symbols(x, alias)}
 
 
-def _numel_at(dims: list, env: dict, code: str = "") -> int:
-    """Element count of a size tuple of the generated code ``code``, with each symbol's value
-    from ``env`` (by its name in the inputs' sizes; 1 for a symbol it lacks: a token count)."""
+def _numel_at(dims: list, env: dict, alias: dict) -> int:
+    """Element count of a size tuple of generated code, with each symbol's value from ``env``
+    (aliases resolved; 1 for a symbol it lacks: a token count)."""
     n = 1
     for x in dims:
-        local = {name: env.get(next(iter(_symbols(code, name))), 1)
-                 for name in re.findall(r"\b[su]\d+\b", x)}
+        local = {s: env.get(alias.get(s, s), 1) for s in re.findall(_SYM, x)}
         n *= int(eval(x, {"__builtins__": {}}, local))  # sympy's printout: + - * // ( )
     return n
 
@@ -105,41 +118,29 @@ def assert_no_cache_copy(code: str, args) -> None:
     """No buffer as large as a cache is allocated: the caches are written in place.
 
     With a dynamic cache size (a symbol in a cache input's size), no buffer is sized by a
-    symbol only caches have (a block count, a StaticCache's length), and sizes are compared
-    with the caches' symbols set large: a copy of a cache is as large as the cache for every
-    value.  A buffer sized by a batch the cache shares with the activations (a StaticCache's)
-    holds one step's tokens, which may outnumber a tiny cache's elements: it is a copy only
-    if its size equals a cache's for two values of the shared symbols.  Index buffers (int32,
-    int64) may be sized by a cache's symbol.  A 5-D input (``kv_cache[2, ...]``) counts as its
-    halves."""
+    symbol only caches have (a block count, a StaticCache's length; index buffers, int32 or
+    int64, may be), and sizes are compared with the caches' symbols set large: a copy of a
+    cache is as large as the cache for every value.  A batch symbol the cache shares with
+    the activations (a StaticCache's) is set large too, so a test's cache must hold more
+    than one step's tokens.  A 5-D input (``kv_cache[2, ...]``) counts as its halves."""
+    alias = _aliases(code)
     syms = cache_symbols(code)
     shared = {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) < 4
-              for x in dims for s in _symbols(code, x)}
-    cache_dims = [d for d in size_tuples(code, _INPUT_SIZES) if len(d) >= 4]
-
-    def cache_sizes(env: dict) -> list:
-        return [_numel_at(d, env, code) // (_numel_at(d[:1], env, code) if len(d) == 5 else 1)
-                for d in cache_dims]
-
+              for x in dims for s in _symbols(x, alias)}
     big = {s: 1 << 20 for s in syms}
+    caches = [_numel_at(d, big, alias) // (_numel_at(d[:1], big, alias) if len(d) == 5 else 1)
+              for d in size_tuples(code, _INPUT_SIZES) if len(d) >= 4]
     halves = [a.numel() // a.shape[0] for a in args
               if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
-    smallest = min(cache_sizes(big) or cache_numels(args) + halves)
-    # an index buffer (the slots, sized by a StaticCache's batch symbol when Dynamo keeps it
-    # apart from the activations') cannot hold a cache's values
-    index = [bool(re.search(r"torch\.(int32|int64)\)", m.group(0)))
-             for m in re.finditer(_BUFFERS + r".*", code)]
-    for dims, is_index in zip(size_tuples(code, _BUFFERS), index):
-        names = {s for x in dims for s in _symbols(code, x)}
-        used = (syms - shared) & names
+    smallest = min(caches or cache_numels(args) + halves)
+    for dims, rest in _calls(code, _BUFFERS):
+        # an index buffer (the slots, sized by a StaticCache's batch symbol where Dynamo
+        # keeps it apart from the activations') cannot hold a cache's values
+        is_index = re.match(r"\s*,\s*\([^()]*\)\s*,\s*torch\.int(32|64)\b", rest)
+        used = (syms - shared) & {s for x in dims for s in _symbols(x, alias)}
         assert is_index or not used, \
             f"a buffer sized by the cache's {sorted(used)} (a cache copy?): {dims}"
-        if names & syms & shared:
-            envs = [{**big, **{s: v for s in shared}} for v in (3, 7)]
-            assert not all(_numel_at(dims, e, code) in cache_sizes(e) for e in envs), \
-                f"a buffer as large as a cache for every batch (a cache copy?): {dims}"
-            continue
-        n = _numel_at(dims, big, code)
+        n = _numel_at(dims, big, alias)
         assert n < smallest, f"a buffer of {n} elements (a cache copy?): {dims}" + \
             (f" (cache symbols {sorted(syms)} set to {1 << 20})" if syms else "")
 

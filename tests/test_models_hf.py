@@ -35,6 +35,7 @@ from torch._inductor.utils import run_and_get_code
 
 import fusion_pass
 
+from .conftest import DEVICES
 from .numerics import assert_spec_close
 from .pass_check import (INDUCTOR_LAUNCH, assert_fused_code, assert_launch_graph,
                          force_pad_mm, inductor_launch_on_cpu, launch_path_backend)
@@ -284,7 +285,7 @@ def check(name: str, attn: str, run, device: str = "cpu", dtype=torch.float32,
           dynamic: Optional[bool] = None, fam: Optional[Family] = None):
     """``dtype``: the model's weights and activations (the float64 run starts from the same,
     rounded, weights and caches).  ``dynamic``: torch.compile's; ``fam``: what to expect, if
-    not the family's own.  Returns the pass's report."""
+    not the family's own.  Returns the pass's report and the model's config."""
     fam_, cfg, model = build(name, attn)
     fam = fam or fam_
     model = model.to(device, dtype)
@@ -294,7 +295,7 @@ def check(name: str, attn: str, run, device: str = "cpu", dtype=torch.float32,
     got, codes = run_and_get_code(run, fn, cfg, dtype, device, dtype)
     check_report(fam, cfg, backend.report, "\n".join(codes), device)
     check_numerics(fam, got, eager, exact, name)
-    return backend.report
+    return backend.report, cfg
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -312,10 +313,7 @@ def test_static_cache(name):
     check(name, "eager", run_static)
 
 
-_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 def test_dynamic_true_fuses_with_floats_specialized(device):
     """``torch.compile(dynamic=True)``: Dynamo passes each norm's float ``variance_epsilon`` in
     as a 0-d tensor, whose value the pass cannot know.  The chain is matched and refused by
@@ -324,9 +322,9 @@ def test_dynamic_true_fuses_with_floats_specialized(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     refused = dataclasses.replace(FAMILIES["qwen3"], fused=0,
                                   reason="specialize_float = True")
-    report = check("qwen3", "eager", run_static, device, dtype, dynamic=True, fam=refused)
+    report, cfg = check("qwen3", "eager", run_static, device, dtype, dynamic=True, fam=refused)
     chains = [c for c in report.candidates if c.forms.get("rope")]
-    assert len(chains) == 2 * len(attention_layers(build("qwen3", "eager")[1])), str(report)
+    assert len(chains) == 2 * len(attention_layers(cfg)), str(report)  # prefill, decode
     assert all(c.guard == "eps" and c.forms["norm"] == "rms_norm(eps tensor)" for c in chains), \
         str(report)
     with torch._dynamo.config.patch(specialize_float=True):

@@ -177,28 +177,26 @@ def test_inductor_launch_dynamic_cache_forms():
 
 
 def test_no_cache_copy_check_tells_copies_from_batch_outputs():
-    """``assert_no_cache_copy`` on generated code with a StaticCache batch symbol ``s0`` shared
-    by the activations: a q output of more elements than the (tiny) cache passes, a buffer of
-    the cache's size for every batch fails, and so does one sized by the cache's length.  A
-    symbol the code aliases to an input's (``s47 = s11``) is that input's; an index buffer
-    may be sized by the cache's own batch symbol (torch 2.11 keeps it apart)."""
-    inputs = ("assert_size_stride(arg0_1, (s0, 16, 96), (1536, 96, 1))\n"
-              "assert_size_stride(arg7_1, (s0, 2, 16, 64), (2048, 1024, 64, 1))\n")
-    ok = inputs + "buf0 = empty_strided_cuda((16*s0, 4, 64), (256, 64, 1), torch.float32)\n"
-    assert_no_cache_copy(ok, [])
-    copy = inputs + "buf1 = empty_strided_cuda((s0, 2, 16, 64), (2048, 1024, 64, 1), f32)\n"
-    with pytest.raises(AssertionError, match="for every batch"):
-        assert_no_cache_copy(copy, [])
-    aliased = ("    s47 = s11\n" + inputs.replace("s0", "s11") +
-               "buf3 = empty_strided_cuda((3*s47, ), (1, ), torch.int64)\n")
-    assert_no_cache_copy(aliased, [])  # slots sized by the cache's batch, Dynamo's alias
-    apart = ("    s11 = arg8_1\n    s47 = arg13_1\n" + inputs.replace("s0, 16", "s11, 16")
-             .replace("s0, 2", "s47, 2"))  # torch 2.11: the cache's batch its own input
+    """``assert_no_cache_copy`` on generated code whose StaticCache batch symbol the activations
+    share: the q output passes and a buffer of the cache's size fails, also when the code
+    names the cache's symbol through an alias (``s47 = s11``).  Where Dynamo keeps the cache's
+    batch symbol apart (torch 2.11), an index buffer sized by it passes and a float one fails,
+    and so does one sized by the cache's length."""
+    inputs = ("assert_size_stride(arg0_1, (s11, 3, 96), (288, 96, 1), 'input')\n"
+              "assert_size_stride(arg7_1, (s11, 2, 16, 64), (2048, 1024, 64, 1), 'input')\n")
+    assert_no_cache_copy(inputs + "buf0 = empty_strided_cuda((3*s11, 4, 64), (256, 64, 1), "
+                         "torch.bfloat16)\n", [])
+    copy = "buf1 = empty_strided_cuda((s47, 2, 16, 64), (2048, 1024, 64, 1), torch.bfloat16)\n"
+    with pytest.raises(AssertionError, match="a buffer of"):
+        assert_no_cache_copy(inputs + copy.replace("s47", "s11"), [])
+    with pytest.raises(AssertionError, match="a buffer of"):  # only if the alias is followed
+        assert_no_cache_copy("    s47 = s11\n" + inputs + copy, [])
+    apart = "    s11 = arg8_1\n    s47 = arg13_1\n" + inputs.replace("(s11, 2", "(s47, 2")
     assert_no_cache_copy(apart + "buf4 = empty_strided_cuda((3*s47, ), (1, ), torch.int64)\n",
                          [])
     with pytest.raises(AssertionError, match=r"cache's \['s47'\]"):
-        assert_no_cache_copy(apart + "buf4 = empty_strided_cuda((3*s47, 64), (64, 1), f32)\n",
-                             [])
+        assert_no_cache_copy(apart + "buf4 = empty_strided_cuda((3*s47, 64), (64, 1), "
+                             "torch.float32)\n", [])
     by_length = ("assert_size_stride(arg7_1, (2, 2, s1, 64), (256*s1, 128*s1, 64, 1))\n"
                  "buf1 = empty_strided_cuda((2, s1, 64), (64*s1, 64, 1), torch.float32)\n")
     with pytest.raises(AssertionError, match=r"cache's \['s1'\]"):
