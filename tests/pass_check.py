@@ -96,12 +96,17 @@ def _symbols(text: str, alias: dict) -> set:
     return {alias.get(s, s) for s in re.findall(_SYM, text)}
 
 
-def cache_symbols(code: str) -> set:
-    """Symbols (``s0``...) in the sizes of the generated code's cache inputs (the inputs of 4
-    or more dims, as ``cache_numels`` counts them): the caches' dynamic sizes."""
-    alias = _aliases(code)
-    return {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) >= 4
+def _input_symbols(inputs: list, alias: dict, caches: bool) -> set:
+    """Symbols in the input size tuples ``inputs`` of caches (4 or more dims, as
+    ``cache_numels`` counts them) or, ``caches=False``, of the other inputs."""
+    return {s for dims in inputs if (len(dims) >= 4) == caches
             for x in dims for s in _symbols(x, alias)}
+
+
+def cache_symbols(code: str) -> set:
+    """Symbols (``s0``...) in the sizes of the generated code's cache inputs: the caches'
+    dynamic sizes."""
+    return _input_symbols(size_tuples(code, _INPUT_SIZES), _aliases(code), True)
 
 
 def _numel_at(dims: list, env: dict, alias: dict) -> int:
@@ -123,13 +128,12 @@ def assert_no_cache_copy(code: str, args) -> None:
     cache is as large as the cache for every value.  A batch symbol the cache shares with
     the activations (a StaticCache's) is set large too, so a test's cache must hold more
     than one step's tokens.  A 5-D input (``kv_cache[2, ...]``) counts as its halves."""
-    alias = _aliases(code)
-    syms = cache_symbols(code)
-    shared = {s for dims in size_tuples(code, _INPUT_SIZES) if len(dims) < 4
-              for x in dims for s in _symbols(x, alias)}
+    alias, inputs = _aliases(code), size_tuples(code, _INPUT_SIZES)
+    syms = _input_symbols(inputs, alias, True)
+    shared = _input_symbols(inputs, alias, False)
     big = {s: 1 << 20 for s in syms}
     caches = [_numel_at(d, big, alias) // (_numel_at(d[:1], big, alias) if len(d) == 5 else 1)
-              for d in size_tuples(code, _INPUT_SIZES) if len(d) >= 4]
+              for d in inputs if len(d) >= 4]
     halves = [a.numel() // a.shape[0] for a in args
               if isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[0]]
     smallest = min(caches or cache_numels(args) + halves)
