@@ -21,7 +21,8 @@ class FusionOptions:
             (``torch.ops.fused_qkv.*``) instead.  The report's ``op`` says which was used.
         dynamic_tiles: the kernel's tiles where the token count is dynamic and Inductor
             launches the kernel (compiled once for every T): ``"auto"`` (default) one token
-            a program below T = 1024 (T = 256 with 64 or more heads a token, GLM-4.5), and
+            a program below T = 1024 (T = 128 with 64 or more heads a token at D = 128,
+            GLM-4.5, and for Qwen3-Next's whole-row tail tile; see ``inductor_launch.plan``), and
             from there 16 elements a thread (2 tokens for Qwen3 / GLM-4.5 shapes) with late
             loads (a uniform branch in the kernel; the grid follows T), ``"decode"`` the
             small-T tiles for every T, ``"prefill"`` the T >= 1024 tiles for every T.  On an
