@@ -33,12 +33,15 @@ DEVICE_TORCH ?= torch==2.11.0
 	touch $@
 
 test-device-versions: .venv-device/.installed
-	.venv-device/bin/python -m pytest -q tests
+	.venv-device/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal tests
 
 demo: install
 	$(VENV)/bin/python examples/paged_decode.py
 
+# One pytest worker a core (pytest-xdist): the CPU suite is single-threaded Python (the Triton
+# interpreter, Inductor's compiles); worksteal evens out the long tests.
+PYTEST_WORKERS ?= auto
 test: install .triton-device/.installed
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal tests
 
 .PHONY: install demo test test-device-versions

@@ -19,7 +19,8 @@ Properties:
   index_put/index_copy left when there was a cache write, no cache-sized buffer allocated;
 * a twisted chain is left alone (no fused op in the code), with a rejection reason.
 
-CPU (Triton interpreter): derandomized, database-free, so CI sees the same examples each run.
+CPU (Triton interpreter): database-free shards with fixed seeds, so CI sees the same examples
+each run.
 Each example compiles a graph (1-3 s on the CPU).  GPU: more examples, same strategy.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -50,9 +51,10 @@ HEAD_DIMS = (64, 80, 128)
 TWISTS = ("k_eps", "rope_first", "olmo2")
 
 # Measured on 2 CPU cores (Triton interpreter, one pytest process): 0.2-1.9 s per example,
-# ~0.8 s on average (compile + interpreted kernel + eager + float64 runs): 300 examples took
-# 3m58s, so 250 keep the file at about 3-3.5 minutes.
+# ~0.8 s on average (compile + interpreted kernel + eager + float64 runs).  The CPU examples
+# run as CPU_SHARDS tests of their own seed, so that pytest-xdist spreads them over its workers.
 CPU_EXAMPLES = 250
+CPU_SHARDS = 5
 GPU_EXAMPLES = int(os.environ.get("FUZZ_GPU_EXAMPLES", "400"))
 
 
@@ -155,10 +157,19 @@ _COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=CPU_EXAMPLES, **_COMMON)
-@given(case=forms())
-def test_fuzz_pass_cpu(case):
-    check_form(*case)
+def _cpu_shard(i: int):
+    """One CPU shard: its own fixed seed (CI sees the same examples every run)."""
+    @seed(i)
+    @settings(max_examples=CPU_EXAMPLES // CPU_SHARDS, **_COMMON)
+    @given(case=forms())
+    def test(case):
+        check_form(*case)
+    test.__name__ = test.__qualname__ = f"test_fuzz_pass_cpu_{i}"
+    return test
+
+
+for _i in range(CPU_SHARDS):
+    globals()[f"test_fuzz_pass_cpu_{_i}"] = _cpu_shard(_i)
 
 
 @pytest.mark.gpu
@@ -170,7 +181,8 @@ def test_fuzz_pass_gpu(case):
 
 
 # ------------------------------------------------------------------ what the fuzzer found
-# Each was a failing example of test_fuzz_pass_cpu; fixed in the pass (or the test oracle).
+# Each was a failing example of the CPU fuzzing (test_fuzz_pass_cpu_*); fixed in the pass (or
+# the test oracle).
 
 @pytest.mark.parametrize("form,dynamic", [
     # T=1 decode with one KV head: index_put broadcasts a V of just [D]; the V layout decoder
