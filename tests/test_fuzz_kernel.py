@@ -18,12 +18,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from kernels.op_schema import ACT_DTYPES, LAYOUT_HND, LAYOUT_NHD, TABLE_DTYPES
 
 from .cases import TABLE_FORMS, Case
+from .fuzz_shards import cpu_shards
 from .kernel_check import check_case
 
 CPU_HEAD_DIMS = (64, 80, 96, 128, 160, 192, 256)
@@ -105,19 +106,8 @@ _COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=False,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _cpu_shard(i: int):
-    """One CPU shard: its own fixed seed (CI sees the same examples every run)."""
-    @seed(i)
-    @settings(max_examples=CPU_EXAMPLES // CPU_SHARDS, **_COMMON)
-    @given(case=cases(small_t=8))
-    def test(case):
-        run_case(case, "cpu")
-    test.__name__ = test.__qualname__ = f"test_fuzz_kernel_cpu_{i}"
-    return test
-
-
-for _i in range(CPU_SHARDS):
-    globals()[f"test_fuzz_kernel_cpu_{_i}"] = _cpu_shard(_i)
+globals().update(cpu_shards("test_fuzz_kernel_cpu", lambda case: run_case(case, "cpu"),
+                            cases(small_t=8), CPU_EXAMPLES, CPU_SHARDS, **_COMMON))
 
 
 @pytest.mark.gpu

@@ -31,12 +31,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from fusion_pass.graph_util import aten
 
+from .fuzz_shards import cpu_shards
 from .model_forms import Form, build, clone_args, to_float64
 from .numerics import ulp
 from .pass_check import FUSED_CACHE, RecordingPass, _run, assert_fused_code, assert_numerics
@@ -157,19 +158,8 @@ _COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _cpu_shard(i: int):
-    """One CPU shard: its own fixed seed (CI sees the same examples every run)."""
-    @seed(i)
-    @settings(max_examples=CPU_EXAMPLES // CPU_SHARDS, **_COMMON)
-    @given(case=forms())
-    def test(case):
-        check_form(*case)
-    test.__name__ = test.__qualname__ = f"test_fuzz_pass_cpu_{i}"
-    return test
-
-
-for _i in range(CPU_SHARDS):
-    globals()[f"test_fuzz_pass_cpu_{_i}"] = _cpu_shard(_i)
+globals().update(cpu_shards("test_fuzz_pass_cpu", lambda case: check_form(*case), forms(),
+                            CPU_EXAMPLES, CPU_SHARDS, **_COMMON))
 
 
 @pytest.mark.gpu
